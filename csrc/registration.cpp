@@ -1,0 +1,23 @@
+// Every schema of the gradience op library, in one place. Kernels are registered per dispatch
+// key beside their glue (csrc/<area>/*_ops*.cpp); fake kernels from Python beside the wrappers.
+#include <torch/library.h>
+
+TORCH_LIBRARY(gradience, m) {
+  // Tail order statistics of |x| over one sample (a list of tensors read as one set of values).
+  // rows: float64 [len(ks) + len(k_ratios), 7] = (k, X(k+1), X(k), S1, S2, H1, H2), with
+  //   S1 = sum_{i<=k} log X(i), S2 = sum_{i<=k} log^2 X(i), H1 = sum_{i<=k} log(X(i)/X(k+1)),
+  //   H2 = sum_{i<=k} log^2(X(i)/X(k+1)); k_ratios give k = floor(k_ratio * n_eff).
+  // counts: int64 [4] = (n_eff, n_zero, n_nan, n_inf).
+  m.def("tail_stats(Tensor[] xs, int[] ks, float[] k_ratios) -> (Tensor rows, Tensor counts)");
+  // The same for each tensor of xs separately: rows [len(xs), K, 7], counts [len(xs), 4].
+  m.def(
+      "tail_stats_per_tensor(Tensor[] xs, int[] ks, float[] k_ratios) -> "
+      "(Tensor rows, Tensor counts)");
+  // Hill tail index alpha = k / sum_{i<=k} log(X(i)/X(k+1)) of |x|, float64 0-dim.
+  m.def("hill(Tensor x, int k) -> Tensor");
+  // Order statistics, float64 [len(ranks)]: absolute=True, the rank-th largest finite nonzero
+  // |x|; absolute=False, the rank-th smallest x (NaN everywhere if x holds a NaN).
+  m.def("order_statistics(Tensor[] xs, int[] ranks, bool absolute) -> Tensor");
+  // numpy.quantile / torch.quantile of the sample for each q, in the input dtype.
+  m.def("quantile(Tensor[] xs, float[] q, str interpolation) -> Tensor");
+}

@@ -1,0 +1,541 @@
+// CPU radix selection over float keys (see float_keys.h) with the tail log sums fused in.
+//
+// Passes: (1) a histogram of the top 16-bit digit of every key, with the zero/inf/NaN counts;
+// (2..L-1) for 64-bit keys, histograms of the next digit restricted to the bins that hold a
+// requested rank; (L) the last digit for those bins, and, for every entry above the lowest of
+// them, log|x| added to the sums of the interval between consecutive requested bins. A 32-bit
+// float therefore takes 2 passes and a 16-bit float 1 (its 15-bit key is one digit).
+//
+// The last pass selects candidates without branches (every key is written to a small buffer and
+// the write position advances only for keys in range), then classifies the buffer and evaluates
+// the logarithms in a vectorised loop: the data loop stays a streaming read.
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <stdexcept>
+
+#include "common/parallel.h"
+#include "tail/fast_log.h"
+#include "tail/order_stats_kernels.h"
+
+namespace gradience::tail {
+namespace {
+
+// Blocks of at most 2^30 entries keep the per-thread 32-bit counters from overflowing; they
+// are flushed into 64-bit totals after each block. Below 2^16 entries one thread does the work.
+constexpr int64_t kMaxBlock = int64_t{1} << 30;
+constexpr int64_t kMinBlock = int64_t{1} << 16;
+constexpr int kBuffer = 2048;      // candidate keys buffered before classification
+constexpr int kMinRoom = 256;      // flush when fewer free slots remain
+constexpr int kInterleave = 4;     // independent accumulators per bucket: hides FP add latency
+
+inline void atomic_add(uint64_t& target, uint64_t value) {
+  std::atomic_ref<uint64_t>(target).fetch_add(value, std::memory_order_relaxed);
+}
+
+template <class Bits>
+inline Bits load_bits(const Bits* base, int64_t i, int64_t stride) {
+  return base[i * stride];
+}
+
+// Index of the first prefix >= p in ascending `prefixes` (m of them).
+template <class Bits>
+inline int lower_bound_index(const Bits* prefixes, int m, Bits p) {
+  int first = 0;
+  int len = m;
+  while (len > 0) {
+    const int half = len >> 1;
+    if (prefixes[first + half] < p) {
+      first += half + 1;
+      len -= half + 1;
+    } else {
+      len = half;
+    }
+  }
+  return first;
+}
+
+template <class Policy>
+class RadixEngine final : public OrderStatsEngine {
+  using Bits = typename Policy::Bits;
+  using Traits = typename Policy::Traits;
+  static constexpr int kLevels = Policy::kLevels;
+  static constexpr int kTopShift = Policy::shift(0);
+  static constexpr int kTopBins = 1 << Policy::digit_width(0);
+
+ public:
+  RadixEngine(const StridedView* views, int64_t n_views) : views_(views, views + n_views) {
+    offsets_.reserve(views_.size() + 1);
+    offsets_.push_back(0);
+    for (const auto& v : views_) offsets_.push_back(offsets_.back() + v.numel);
+    total_ = offsets_.back();
+    counts_.n_total = total_;
+  }
+
+  const SampleCounts& count() override {
+    top_hist_.assign(kTopBins, 0);
+    std::vector<CountSink> sinks(max_threads());
+    run_pass(sinks, [&](CountSink& s) { s.end_block(top_hist_); });
+
+    uint64_t zeros = 0, infs = 0, nans = 0;
+    for (auto& s : sinks) {
+      zeros += s.zeros;
+      infs += s.infs;
+      nans += s.nans;
+    }
+    if constexpr (Policy::kAbs) {
+      if constexpr (kLevels == 1) {
+        zeros = top_hist_[0];
+        infs = top_hist_[Traits::kInf];
+        nans = 0;
+        for (int b = Traits::kInf + 1; b < kTopBins; ++b) nans += top_hist_[b];
+      } else {
+        uint64_t nonfinite = 0;
+        for (uint64_t b = uint64_t(Traits::kInf) >> kTopShift; b < uint64_t(kTopBins); ++b) {
+          nonfinite += top_hist_[b];
+        }
+        nans = nonfinite - infs;
+      }
+      counts_.n_zero = static_cast<int64_t>(zeros);
+      counts_.n_inf = static_cast<int64_t>(infs);
+      counts_.n_nan = static_cast<int64_t>(nans);
+      counts_.n_eff = total_ - counts_.n_zero - counts_.n_inf - counts_.n_nan;
+    } else {
+      counts_.n_nan = static_cast<int64_t>(nans);
+      counts_.n_eff = total_;
+    }
+    counted_ = true;
+    return counts_;
+  }
+
+  void resolve(const std::vector<int64_t>& ranks, bool with_log_sums,
+               std::vector<RankResult>& out, double* log_ref) override {
+    if (!counted_) throw std::logic_error("OrderStatsEngine::resolve before count");
+    if constexpr (!Policy::kAbs) {
+      if (with_log_sums) throw std::logic_error("log sums need |x| keys");
+    }
+    const int n_ranks = static_cast<int>(ranks.size());
+    out.assign(n_ranks, RankResult{});
+    if (n_ranks == 0) return;
+
+    // Rank walk over the top digit, ranks in ascending order (bins descending).
+    std::vector<int> order(n_ranks);
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(), [&](int a, int b) { return ranks[a] < ranks[b]; });
+    std::vector<Bits> prefix(n_ranks);
+    std::vector<int64_t> residual(n_ranks);
+    {
+      int64_t bin = static_cast<int64_t>(Policy::kMaxValidKey >> kTopShift);
+      int64_t above = 0;
+      for (int idx : order) {
+        const int64_t r = ranks[idx];
+        while (bin > 0 && above + static_cast<int64_t>(top_hist_[bin]) < r) {
+          above += static_cast<int64_t>(top_hist_[bin]);
+          --bin;
+        }
+        prefix[idx] = static_cast<Bits>(bin);
+        residual[idx] = r - above;
+      }
+    }
+
+    if constexpr (kLevels == 1) {
+      finish_single_level(ranks, prefix, residual, with_log_sums, out, log_ref);
+    } else {
+      for (int level = 1; level < kLevels; ++level) {
+        const bool last = level == kLevels - 1;
+        refine(level, last && with_log_sums, ranks, prefix, residual, out, log_ref);
+      }
+    }
+  }
+
+ private:
+  // Pass 1 sink: top-digit histogram and the exact zero/inf/NaN counts.
+  struct CountSink {
+    std::vector<uint32_t> hist;
+    uint64_t zeros = 0, infs = 0, nans = 0;
+    void init() { hist.assign(kTopBins, 0); }
+    void consume(const Bits* p, int64_t n, int64_t stride) {
+      if (stride == 1) {
+        run(p, n, [p](int64_t i) { return p[i]; });
+      } else {
+        run(p, n, [p, stride](int64_t i) { return p[i * stride]; });
+      }
+    }
+    template <class Load>
+    inline void run(const Bits* p, int64_t n, Load load) {
+      uint32_t* h = hist.data();
+      uint64_t z = 0, f = 0, q = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const Bits raw = load(i);
+        const Bits key = Policy::key(raw);
+        ++h[key >> kTopShift];
+        if constexpr (Policy::kAbs && kLevels > 1) {
+          // Bin 0 mixes zero with the smallest subnormals and the inf bin mixes inf with
+          // NaNs, so these two keys are counted exactly here (n_eff is needed after pass 1).
+          z += key == 0;
+          f += key == Traits::kInf;
+        }
+        if constexpr (!Policy::kAbs) {
+          q += Bits(raw & Bits(~Traits::kSign)) > Traits::kInf;
+        }
+      }
+      zeros += z;
+      infs += f;
+      nans += q;
+    }
+    void end_block(std::vector<uint64_t>& total) {
+      for (int b = 0; b < kTopBins; ++b) {
+        if (hist[b]) {
+          atomic_add(total[b], hist[b]);
+          hist[b] = 0;
+        }
+      }
+    }
+  };
+
+  // Runs sinks[thread].consume over all runs of every view, in blocks; after each block calls
+  // end_block(sink) on that thread's sink.
+  template <class Sink, class EndBlock>
+  void run_pass(std::vector<Sink>& sinks, EndBlock end_block) {
+    const int threads = static_cast<int>(sinks.size());
+    const int64_t per_thread = (total_ + threads - 1) / threads;
+    const int64_t block = std::clamp<int64_t>(per_thread, kMinBlock, kMaxBlock);
+    const int64_t n_blocks = (total_ + block - 1) / block;
+    std::vector<char> ready(threads, 0);
+    parallel_blocks(n_blocks, [&](int64_t b0, int64_t b1, int thread) {
+      Sink& sink = sinks[thread];
+      if (!ready[thread]) {
+        sink.init();
+        ready[thread] = 1;
+      }
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t begin = b * block;
+        const int64_t end = std::min(total_, begin + block);
+        // First view that ends after `begin`.
+        size_t v = std::upper_bound(offsets_.begin(), offsets_.end(), begin) - offsets_.begin() - 1;
+        for (; v < views_.size() && offsets_[v] < end; ++v) {
+          const int64_t lo = std::max(begin, offsets_[v]) - offsets_[v];
+          const int64_t hi = std::min(end, offsets_[v + 1]) - offsets_[v];
+          for_each_run<Bits>(views_[v], lo, hi, [&](const Bits* p, int64_t n, int64_t stride) {
+            sink.consume(p, n, stride);
+          });
+        }
+        end_block(sink);
+      }
+    });
+  }
+
+  // Configuration of one selection pass over the bins `prefixes` (ascending, distinct) of the
+  // previous level.
+  struct SelectConfig {
+    Bits lo = 0, hi = 0;         // candidate keys: lo <= key <= hi
+    int prefix_shift = 0;        // prefix = key >> prefix_shift
+    int digit_shift = 0;         // digit = (key >> digit_shift) & digit_mask
+    Bits digit_mask = 0;
+    int digit_bins = 0;
+    const Bits* prefixes = nullptr;
+    int m = 0;
+    bool with_logs = false;
+    double log_ref = 0.0;
+  };
+
+  struct SelectSink {
+    const SelectConfig* cfg = nullptr;
+    std::vector<Bits> keys;
+    int n_keys = 0;
+    std::vector<uint32_t> sub;     // [m][digit_bins]
+    std::vector<double> values;    // [kBuffer] candidates above all matching bins
+    std::vector<int> buckets;      // [kBuffer]
+    std::vector<double> logs;      // [kBuffer]
+    std::vector<double> sum_log;   // [kInterleave][m + 1]
+    std::vector<double> sum_log_sq;
+
+    void init() {
+      keys.assign(kBuffer, 0);
+      sub.assign(static_cast<size_t>(cfg->m) * cfg->digit_bins, 0);
+      if (cfg->with_logs) {
+        values.assign(kBuffer, 0.0);
+        buckets.assign(kBuffer, 0);
+        logs.assign(kBuffer, 0.0);
+        sum_log.assign(static_cast<size_t>(kInterleave) * (cfg->m + 1), 0.0);
+        sum_log_sq.assign(sum_log.size(), 0.0);
+      }
+    }
+
+    void consume(const Bits* p, int64_t n, int64_t stride) {
+      if (stride == 1) {
+        run(n, [p](int64_t i) { return p[i]; });
+      } else {
+        run(n, [p, stride](int64_t i) { return p[i * stride]; });
+      }
+    }
+
+    template <class Load>
+    inline void run(int64_t n, Load load) {
+      const Bits lo = cfg->lo;
+      const Bits span = Bits(cfg->hi - lo);
+      Bits* buf = keys.data();
+      int64_t i = 0;
+      while (i < n) {
+        const int64_t stop = i + std::min<int64_t>(n - i, kBuffer - n_keys);
+        int count = n_keys;
+        for (; i < stop; ++i) {
+          const Bits key = Policy::key(load(i));
+          buf[count] = key;
+          count += Bits(key - lo) <= span;
+        }
+        n_keys = count;
+        if (n_keys > kBuffer - kMinRoom) flush();
+      }
+    }
+
+    void flush() {
+      const SelectConfig& c = *cfg;
+      int n_values = 0;
+      for (int i = 0; i < n_keys; ++i) {
+        const Bits key = keys[i];
+        const Bits p = Bits(key >> c.prefix_shift);
+        const int j = c.m == 1 ? (p > c.prefixes[0] ? 1 : 0)
+                               : lower_bound_index(c.prefixes, c.m, p);
+        if (j < c.m && c.prefixes[j] == p) {
+          ++sub[static_cast<size_t>(j) * c.digit_bins + ((key >> c.digit_shift) & c.digit_mask)];
+        } else if (c.with_logs) {
+          values[n_values] = Policy::value_of_key(key);
+          buckets[n_values] = j;
+          ++n_values;
+        }
+      }
+      n_keys = 0;
+      if (n_values == 0) return;
+      const double ref = c.log_ref;
+      double* y = logs.data();
+      const double* x = values.data();
+      for (int i = 0; i < n_values; ++i) y[i] = fast_log(x[i]) - ref;
+      const int stride = c.m + 1;
+      for (int i = 0; i < n_values; ++i) {
+        const size_t slot = static_cast<size_t>(i & (kInterleave - 1)) * stride + buckets[i];
+        sum_log[slot] += y[i];
+        sum_log_sq[slot] += y[i] * y[i];
+      }
+    }
+
+    void end_block(std::vector<uint64_t>& total) {
+      flush();
+      for (size_t b = 0; b < sub.size(); ++b) {
+        if (sub[b]) {
+          atomic_add(total[b], sub[b]);
+          sub[b] = 0;
+        }
+      }
+    }
+  };
+
+  // One refinement level: histogram the digit of `level` inside the current rank bins, then
+  // move every rank one digit down. On the last level with log sums, also the tail sums.
+  void refine(int level, bool with_logs, const std::vector<int64_t>& ranks,
+              std::vector<Bits>& prefix, std::vector<int64_t>& residual,
+              std::vector<RankResult>& out, double* log_ref) {
+    const int n_ranks = static_cast<int>(ranks.size());
+    std::vector<Bits> bins(prefix.begin(), prefix.end());
+    std::sort(bins.begin(), bins.end());
+    bins.erase(std::unique(bins.begin(), bins.end()), bins.end());
+    const int m = static_cast<int>(bins.size());
+
+    SelectConfig cfg;
+    cfg.prefix_shift = Policy::shift(level - 1);
+    cfg.digit_shift = Policy::shift(level);
+    cfg.digit_bins = 1 << Policy::digit_width(level);
+    cfg.digit_mask = Bits(cfg.digit_bins - 1);
+    cfg.prefixes = bins.data();
+    cfg.m = m;
+    cfg.with_logs = with_logs;
+    cfg.lo = Bits(Bits(bins.front()) << cfg.prefix_shift);
+    const Bits top_of_last_bin =
+        Bits((Bits(bins.back()) << cfg.prefix_shift) | ((Bits(1) << cfg.prefix_shift) - 1));
+    // With log sums every finite entry above the lowest bin is a candidate.
+    cfg.hi = with_logs ? Policy::kMaxValidKey : top_of_last_bin;
+    if (with_logs) {
+      const Bits ref_key = cfg.lo == 0 ? Bits(1) : cfg.lo;
+      cfg.log_ref = fast_log(Policy::value_of_key(ref_key));
+    }
+
+    std::vector<uint64_t> sub_total(static_cast<size_t>(m) * cfg.digit_bins, 0);
+    std::vector<SelectSink> sinks(max_threads());
+    for (auto& s : sinks) s.cfg = &cfg;
+    run_pass(sinks, [&](SelectSink& s) { s.end_block(sub_total); });
+
+    // Bucket sums, merged in thread order (deterministic).
+    std::vector<double> bucket_log(m + 1, 0.0), bucket_log_sq(m + 1, 0.0);
+    if (with_logs) {
+      for (auto& s : sinks) {
+        if (s.sum_log.empty()) continue;
+        for (int r = 0; r < kInterleave; ++r) {
+          for (int b = 0; b <= m; ++b) {
+            bucket_log[b] += s.sum_log[static_cast<size_t>(r) * (m + 1) + b];
+            bucket_log_sq[b] += s.sum_log_sq[static_cast<size_t>(r) * (m + 1) + b];
+          }
+        }
+      }
+    }
+
+    // Move each rank one digit down.
+    std::vector<int> bin_of_rank(n_ranks);
+    std::vector<int> digit_of_rank(n_ranks);
+    for (int t = 0; t < n_ranks; ++t) {
+      const int j = lower_bound_index(bins.data(), m, prefix[t]);
+      const uint64_t* h = sub_total.data() + static_cast<size_t>(j) * cfg.digit_bins;
+      int64_t above = 0;
+      int d = cfg.digit_bins - 1;
+      while (d > 0 && above + static_cast<int64_t>(h[d]) < residual[t]) {
+        above += static_cast<int64_t>(h[d]);
+        --d;
+      }
+      residual[t] -= above;
+      prefix[t] = Bits((Bits(prefix[t]) << Policy::digit_width(level)) | Bits(d));
+      bin_of_rank[t] = j;
+      digit_of_rank[t] = d;
+    }
+    if (level != kLevels - 1) return;
+
+    for (int t = 0; t < n_ranks; ++t) {
+      out[t].value = Policy::value_of_key(prefix[t]);
+      out[t].n_above = ranks[t] - residual[t];
+    }
+    if (!with_logs) return;
+    *log_ref = cfg.log_ref;
+
+    // Sums above each rank: buckets above its bin, whole bins above its bin, and the digits
+    // above its own inside its bin (exact values: the last digit completes the key).
+    std::vector<double> full_log(m, 0.0), full_log_sq(m, 0.0);
+    std::vector<std::vector<int>> ranks_in_bin(m);
+    for (int t = 0; t < n_ranks; ++t) ranks_in_bin[bin_of_rank[t]].push_back(t);
+    for (int j = 0; j < m; ++j) {
+      auto& members = ranks_in_bin[j];
+      std::sort(members.begin(), members.end(),
+                [&](int a, int b) { return digit_of_rank[a] > digit_of_rank[b]; });
+      const uint64_t* h = sub_total.data() + static_cast<size_t>(j) * cfg.digit_bins;
+      double run_log = 0.0, run_log_sq = 0.0;
+      size_t next = 0;
+      for (int d = cfg.digit_bins - 1; d >= 0; --d) {
+        while (next < members.size() && digit_of_rank[members[next]] == d) {
+          out[members[next]].sum_log = run_log;
+          out[members[next]].sum_log_sq = run_log_sq;
+          ++next;
+        }
+        if (h[d] == 0) continue;
+        const Bits key = Bits((Bits(bins[j]) << cfg.prefix_shift) | Bits(d));
+        if (key == 0) continue;  // zeros are not in any tail sum
+        const double y = fast_log(Policy::value_of_key(key)) - cfg.log_ref;
+        run_log += static_cast<double>(h[d]) * y;
+        run_log_sq += static_cast<double>(h[d]) * y * y;
+      }
+      full_log[j] = run_log;
+      full_log_sq[j] = run_log_sq;
+    }
+    for (int t = 0; t < n_ranks; ++t) {
+      const int j = bin_of_rank[t];
+      double s1 = out[t].sum_log, s2 = out[t].sum_log_sq;
+      for (int b = j + 1; b <= m; ++b) {
+        s1 += bucket_log[b];
+        s2 += bucket_log_sq[b];
+      }
+      for (int i = j + 1; i < m; ++i) {
+        s1 += full_log[i];
+        s2 += full_log_sq[i];
+      }
+      out[t].sum_log = s1;
+      out[t].sum_log_sq = s2;
+      out[t].log_value = fast_log(out[t].value) - cfg.log_ref;
+    }
+  }
+
+  // 16-bit formats: the pass-1 histogram holds every key exactly.
+  void finish_single_level(const std::vector<int64_t>& ranks, const std::vector<Bits>& key,
+                           const std::vector<int64_t>& residual, bool with_logs,
+                           std::vector<RankResult>& out, double* log_ref) {
+    const int n_ranks = static_cast<int>(ranks.size());
+    Bits lowest = key[0];
+    for (int t = 0; t < n_ranks; ++t) {
+      out[t].value = Policy::value_of_key(key[t]);
+      out[t].n_above = ranks[t] - residual[t];
+      lowest = std::min(lowest, key[t]);
+    }
+    if (!with_logs) return;
+    const double ref = fast_log(Policy::value_of_key(lowest));
+    *log_ref = ref;
+    std::vector<int> order(n_ranks);
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(), [&](int a, int b) { return key[a] > key[b]; });
+    double run_log = 0.0, run_log_sq = 0.0;
+    int next = 0;
+    for (int64_t k = Policy::kMaxValidKey; k >= lowest; --k) {
+      while (next < n_ranks && key[order[next]] == k) {
+        out[order[next]].sum_log = run_log;
+        out[order[next]].sum_log_sq = run_log_sq;
+        out[order[next]].log_value = fast_log(out[order[next]].value) - ref;
+        ++next;
+      }
+      const uint64_t c = top_hist_[k];
+      if (c == 0 || k == 0) continue;
+      const double y = fast_log(Policy::value_of_key(static_cast<Bits>(k))) - ref;
+      run_log += static_cast<double>(c) * y;
+      run_log_sq += static_cast<double>(c) * y * y;
+    }
+  }
+
+  std::vector<StridedView> views_;
+  std::vector<int64_t> offsets_;
+  int64_t total_ = 0;
+  std::vector<uint64_t> top_hist_;
+  SampleCounts counts_;
+  bool counted_ = false;
+};
+
+template <FloatFormat F>
+std::unique_ptr<OrderStatsEngine> make_for_format(bool absolute, const StridedView* views,
+                                                  int64_t n_views) {
+  if (absolute) return std::make_unique<RadixEngine<KeyPolicy<F, true>>>(views, n_views);
+  return std::make_unique<RadixEngine<KeyPolicy<F, false>>>(views, n_views);
+}
+
+}  // namespace
+
+std::unique_ptr<OrderStatsEngine> make_order_stats_cpu(FloatFormat format, bool absolute,
+                                                       const StridedView* views,
+                                                       int64_t n_views) {
+  switch (format) {
+    case FloatFormat::kFloat16:
+      return make_for_format<FloatFormat::kFloat16>(absolute, views, n_views);
+    case FloatFormat::kBFloat16:
+      return make_for_format<FloatFormat::kBFloat16>(absolute, views, n_views);
+    case FloatFormat::kFloat32:
+      return make_for_format<FloatFormat::kFloat32>(absolute, views, n_views);
+    case FloatFormat::kFloat64:
+      return make_for_format<FloatFormat::kFloat64>(absolute, views, n_views);
+  }
+  throw std::invalid_argument("unknown float format");
+}
+
+TailRow tail_row(int64_t k, const RankResult& rank_k, const RankResult& rank_k1, double log_ref) {
+  // Entries tied with X(k+1) that fall inside the top k contribute log X(k+1) each.
+  const double n_above = static_cast<double>(rank_k1.n_above);
+  const double ties = static_cast<double>(k) - n_above;
+  const double c = rank_k1.log_value;
+  TailRow row;
+  row.k = static_cast<double>(k);
+  row.x_k1 = rank_k1.value;
+  row.x_k = rank_k.value;
+  row.h1 = rank_k1.sum_log - n_above * c;
+  row.h2 = rank_k1.sum_log_sq - 2.0 * c * rank_k1.sum_log + n_above * c * c;
+  const double kd = static_cast<double>(k);
+  row.s1 = rank_k1.sum_log + ties * c + kd * log_ref;
+  const double top = c + log_ref;
+  row.s2 = rank_k1.sum_log_sq + 2.0 * log_ref * rank_k1.sum_log + n_above * log_ref * log_ref +
+           ties * top * top;
+  return row;
+}
+
+}  // namespace gradience::tail

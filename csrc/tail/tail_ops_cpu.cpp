@@ -1,0 +1,267 @@
+// CPU glue of the tail ops: argument checks, rank planning, allocation of outputs. The schemas
+// live in csrc/registration.cpp; the engine in order_stats_cpu.cpp.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "tail/order_stats_kernels.h"
+#include "tail/tensor_views.h"
+
+namespace gradience::tail {
+namespace {
+
+constexpr auto kCPU = c10::DeviceType::CPU;
+
+void check_k_arguments(at::IntArrayRef ks, at::ArrayRef<double> k_ratios, int64_t n_total) {
+  for (size_t i = 0; i < ks.size(); ++i) {
+    TORCH_CHECK_VALUE(ks[i] >= 1, "ks[", i, "]: k must be >= 1, got k=", ks[i]);
+    TORCH_CHECK_VALUE(ks[i] < n_total, "ks[", i, "]: k must be < n_eff, got k=", ks[i],
+                      " for a sample of only ", n_total, " entries");
+  }
+  for (size_t i = 0; i < k_ratios.size(); ++i) {
+    const double r = k_ratios[i];
+    TORCH_CHECK_VALUE(std::isfinite(r) && r > 0.0 && r < 1.0, "k_ratios[", i,
+                      "]: k_ratio must be in (0, 1), got k_ratio=", r);
+  }
+}
+
+// ks followed by floor(k_ratio * n_eff), each checked against n_eff.
+std::vector<int64_t> plan_ks(at::IntArrayRef ks, at::ArrayRef<double> k_ratios,
+                             const SampleCounts& counts, const std::string& where) {
+  std::vector<int64_t> all(ks.begin(), ks.end());
+  for (size_t i = 0; i < k_ratios.size(); ++i) {
+    const int64_t k = static_cast<int64_t>(std::floor(k_ratios[i] * counts.n_eff));
+    TORCH_CHECK_VALUE(k >= 1, where, "k_ratios[", i, "]=", k_ratios[i], " gives k=floor(",
+                      k_ratios[i], " * n_eff)=", k, " for n_eff=", counts.n_eff,
+                      "; k must be >= 1");
+    all.push_back(k);
+  }
+  for (size_t i = 0; i < all.size(); ++i) {
+    TORCH_CHECK_VALUE(all[i] < counts.n_eff, where, "k=", all[i], " must be < n_eff=",
+                      counts.n_eff, " (finite nonzero entries; n_zero=", counts.n_zero,
+                      ", n_nan=", counts.n_nan, ", n_inf=", counts.n_inf, ")");
+  }
+  return all;
+}
+
+void write_counts(const SampleCounts& c, int64_t* out) {
+  out[0] = c.n_eff;
+  out[1] = c.n_zero;
+  out[2] = c.n_nan;
+  out[3] = c.n_inf;
+}
+
+// Runs the engine over one sample and writes one row per k into rows ([n_k, kTailRowWidth]).
+void tail_rows_for_sample(at::TensorList xs, at::IntArrayRef ks, at::ArrayRef<double> k_ratios,
+                          double* rows, int64_t* counts_out, const std::string& where) {
+  const FloatFormat format = check_sample(xs, "xs", kCPU);
+  const std::vector<StridedView> views = strided_views_of(xs);
+  auto engine = make_order_stats_cpu(format, /*absolute=*/true, views.data(),
+                                     static_cast<int64_t>(views.size()));
+  const SampleCounts& counts = engine->count();
+  write_counts(counts, counts_out);
+  const std::vector<int64_t> all_ks = plan_ks(ks, k_ratios, counts, where);
+  if (all_ks.empty()) return;
+  std::vector<int64_t> ranks;
+  for (int64_t k : all_ks) {
+    ranks.push_back(k);
+    ranks.push_back(k + 1);
+  }
+  std::sort(ranks.begin(), ranks.end());
+  ranks.erase(std::unique(ranks.begin(), ranks.end()), ranks.end());
+  std::vector<RankResult> results;
+  double log_ref = 0.0;
+  engine->resolve(ranks, /*with_log_sums=*/true, results, &log_ref);
+  auto result_of = [&](int64_t r) -> const RankResult& {
+    return results[std::lower_bound(ranks.begin(), ranks.end(), r) - ranks.begin()];
+  };
+  for (size_t i = 0; i < all_ks.size(); ++i) {
+    const TailRow row = tail_row(all_ks[i], result_of(all_ks[i]), result_of(all_ks[i] + 1),
+                                 log_ref);
+    double* out = rows + i * kTailRowWidth;
+    out[0] = row.k;
+    out[1] = row.x_k1;
+    out[2] = row.x_k;
+    out[3] = row.s1;
+    out[4] = row.s2;
+    out[5] = row.h1;
+    out[6] = row.h2;
+  }
+}
+
+at::TensorOptions f64() { return at::TensorOptions().dtype(at::kDouble); }
+at::TensorOptions i64() { return at::TensorOptions().dtype(at::kLong); }
+
+std::tuple<at::Tensor, at::Tensor> tail_stats_cpu(at::TensorList xs, at::IntArrayRef ks,
+                                                  at::ArrayRef<double> k_ratios) {
+  check_sample(xs, "xs", kCPU);
+  const int64_t n_total = total_numel(xs);
+  TORCH_CHECK_VALUE(n_total > 0, "xs: expected a non-empty sample, got 0 elements");
+  check_k_arguments(ks, k_ratios, n_total);
+  const int64_t n_k = static_cast<int64_t>(ks.size() + k_ratios.size());
+  at::Tensor rows = at::empty({n_k, kTailRowWidth}, f64());
+  at::Tensor counts = at::empty({4}, i64());
+  tail_rows_for_sample(xs, ks, k_ratios, rows.data_ptr<double>(), counts.data_ptr<int64_t>(),
+                       "");
+  return {rows, counts};
+}
+
+std::tuple<at::Tensor, at::Tensor> tail_stats_per_tensor_cpu(at::TensorList xs,
+                                                             at::IntArrayRef ks,
+                                                             at::ArrayRef<double> k_ratios) {
+  check_sample(xs, "xs", kCPU);
+  for (size_t t = 0; t < xs.size(); ++t) {
+    TORCH_CHECK_VALUE(xs[t].numel() > 0, "xs[", t, "]: expected a non-empty tensor");
+    check_k_arguments(ks, k_ratios, xs[t].numel());
+  }
+  const int64_t n_t = static_cast<int64_t>(xs.size());
+  const int64_t n_k = static_cast<int64_t>(ks.size() + k_ratios.size());
+  at::Tensor rows = at::empty({n_t, n_k, kTailRowWidth}, f64());
+  at::Tensor counts = at::empty({n_t, 4}, i64());
+  for (int64_t t = 0; t < n_t; ++t) {
+    tail_rows_for_sample(xs.slice(t, 1), ks, k_ratios,
+                         rows.data_ptr<double>() + t * n_k * kTailRowWidth,
+                         counts.data_ptr<int64_t>() + t * 4, "xs[" + std::to_string(t) + "]: ");
+  }
+  return {rows, counts};
+}
+
+at::Tensor hill_cpu(const at::Tensor& x, int64_t k) {
+  const at::Tensor xs[] = {x};
+  check_sample(xs, "x", kCPU);
+  TORCH_CHECK_VALUE(x.numel() > 0, "x: expected a non-empty tensor, got 0 elements");
+  TORCH_CHECK_VALUE(k >= 1, "k must be >= 1, got k=", k);
+  TORCH_CHECK_VALUE(k < x.numel(), "k must be < n_eff, got k=", k, " for a tensor of only ",
+                    x.numel(), " entries");
+  double row[kTailRowWidth];
+  int64_t counts[4];
+  const int64_t ks[] = {k};
+  tail_rows_for_sample(xs, ks, {}, row, counts, "");
+  // alpha = 1 / gamma, gamma = H1 / k (Hill 1975).
+  return at::scalar_tensor(row[0] / row[5], f64());
+}
+
+// Ascending 1-based ranks of signed x, or descending ranks of |x| (finite nonzero), in float64.
+at::Tensor order_statistics_cpu(at::TensorList xs, at::IntArrayRef ranks, bool absolute) {
+  const FloatFormat format = check_sample(xs, "xs", kCPU);
+  const int64_t n_total = total_numel(xs);
+  TORCH_CHECK_VALUE(n_total > 0, "xs: expected a non-empty sample, got 0 elements");
+  for (size_t i = 0; i < ranks.size(); ++i) {
+    TORCH_CHECK_VALUE(ranks[i] >= 1 && ranks[i] <= n_total, "ranks[", i,
+                      "]: rank must be in [1, n], got rank=", ranks[i], " for n=", n_total);
+  }
+  at::Tensor out = at::empty({static_cast<int64_t>(ranks.size())}, f64());
+  if (ranks.empty()) return out;
+  const std::vector<StridedView> views = strided_views_of(xs);
+  auto engine = make_order_stats_cpu(format, absolute, views.data(),
+                                     static_cast<int64_t>(views.size()));
+  const SampleCounts& counts = engine->count();
+  double* result = out.data_ptr<double>();
+  if (!absolute && counts.n_nan > 0) {
+    // Like torch.quantile / numpy: NaN in the sample makes every order statistic NaN.
+    std::fill(result, result + ranks.size(), std::numeric_limits<double>::quiet_NaN());
+    return out;
+  }
+  std::vector<int64_t> descending(ranks.size());
+  for (size_t i = 0; i < ranks.size(); ++i) {
+    if (absolute) {
+      TORCH_CHECK_VALUE(ranks[i] <= counts.n_eff, "ranks[", i, "]: rank=", ranks[i],
+                        " must be <= n_eff=", counts.n_eff, " (finite nonzero |x|; n_zero=",
+                        counts.n_zero, ", n_nan=", counts.n_nan, ", n_inf=", counts.n_inf,
+                        ")");
+      descending[i] = ranks[i];
+    } else {
+      descending[i] = n_total + 1 - ranks[i];
+    }
+  }
+  std::vector<RankResult> results;
+  engine->resolve(descending, /*with_log_sums=*/false, results, nullptr);
+  for (size_t i = 0; i < ranks.size(); ++i) result[i] = results[i].value;
+  return out;
+}
+
+// numpy's two-sided lerp (numpy.lib._function_base_impl._lerp, also torch.lerp's form).
+double lerp(double a, double b, double t) {
+  const double diff = b - a;
+  return t >= 0.5 ? b - diff * (1.0 - t) : a + diff * t;
+}
+
+at::Tensor quantile_cpu(at::TensorList xs, at::ArrayRef<double> q,
+                        c10::string_view interpolation) {
+  check_sample(xs, "xs", kCPU);
+  const std::string mode(interpolation);
+  TORCH_CHECK_VALUE(mode == "linear" || mode == "lower" || mode == "higher" ||
+                        mode == "nearest" || mode == "midpoint",
+                    "interpolation must be one of 'linear', 'lower', 'higher', 'nearest', "
+                    "'midpoint', got interpolation='", mode, "'");
+  const int64_t n = total_numel(xs);
+  TORCH_CHECK_VALUE(n > 0, "xs: expected a non-empty sample, got 0 elements");
+  for (size_t i = 0; i < q.size(); ++i) {
+    TORCH_CHECK_VALUE(q[i] >= 0.0 && q[i] <= 1.0, "q[", i, "]: q must be in [0, 1], got q=",
+                      q[i]);
+  }
+  const auto out_dtype = xs[0].scalar_type();
+  if (q.empty()) return at::empty({0}, at::TensorOptions().dtype(out_dtype));
+
+  // Positions as numpy computes them: virtual index h = (n - 1) q in float64.
+  std::vector<int64_t> below(q.size()), above(q.size());
+  std::vector<double> weight(q.size());
+  for (size_t i = 0; i < q.size(); ++i) {
+    const double h = static_cast<double>(n - 1) * q[i];
+    const double fl = std::floor(h);
+    const double ce = std::ceil(h);
+    if (mode == "linear") {
+      below[i] = static_cast<int64_t>(fl);
+      above[i] = std::min<int64_t>(below[i] + 1, n - 1);
+      weight[i] = h - fl;
+    } else if (mode == "lower") {
+      below[i] = above[i] = static_cast<int64_t>(fl);
+      weight[i] = 0.0;
+    } else if (mode == "higher") {
+      below[i] = above[i] = static_cast<int64_t>(ce);
+      weight[i] = 0.0;
+    } else if (mode == "nearest") {
+      below[i] = above[i] = static_cast<int64_t>(std::nearbyint(h));  // half to even
+      weight[i] = 0.0;
+    } else {  // midpoint
+      below[i] = static_cast<int64_t>(fl);
+      above[i] = static_cast<int64_t>(ce);
+      weight[i] = fl == ce ? 0.0 : 0.5;
+    }
+  }
+  std::vector<int64_t> ranks;
+  for (size_t i = 0; i < q.size(); ++i) {
+    ranks.push_back(below[i] + 1);
+    ranks.push_back(above[i] + 1);
+  }
+  std::sort(ranks.begin(), ranks.end());
+  ranks.erase(std::unique(ranks.begin(), ranks.end()), ranks.end());
+  const at::Tensor values = order_statistics_cpu(xs, ranks, /*absolute=*/false);
+  const double* v = values.data_ptr<double>();
+  auto value_at = [&](int64_t index) {
+    return v[std::lower_bound(ranks.begin(), ranks.end(), index + 1) - ranks.begin()];
+  };
+  at::Tensor result = at::empty({static_cast<int64_t>(q.size())}, f64());
+  double* r = result.data_ptr<double>();
+  for (size_t i = 0; i < q.size(); ++i) {
+    const double a = value_at(below[i]);
+    const double b = value_at(above[i]);
+    r[i] = (mode == "linear" || mode == "midpoint") ? lerp(a, b, weight[i]) : a;
+  }
+  return result.to(out_dtype);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gradience, CPU, m) {
+  m.impl("tail_stats", &tail_stats_cpu);
+  m.impl("tail_stats_per_tensor", &tail_stats_per_tensor_cpu);
+  m.impl("hill", &hill_cpu);
+  m.impl("order_statistics", &order_statistics_cpu);
+  m.impl("quantile", &quantile_cpu);
+}
+
+}  // namespace gradience::tail
