@@ -87,6 +87,7 @@ struct KeyPolicy {
   using Traits = FormatTraits<F>;
   using Bits = typename Traits::Bits;
   static constexpr bool kAbs = kAbsolute;
+  static constexpr FloatFormat kFormat = F;
   static constexpr int kWidth = kAbsolute ? Traits::kBits - 1 : Traits::kBits;
   static constexpr int kLevels = (kWidth + 15) / 16;
   // Largest key that takes part in the ranking: |x| ranks exclude +inf and NaN (and zero, which

@@ -20,6 +20,7 @@
 #include "common/parallel.h"
 #include "tail/fast_log.h"
 #include "tail/order_stats_kernels.h"
+#include "tail/simd_scan.h"
 
 namespace gradience::tail {
 namespace {
@@ -154,22 +155,30 @@ class RadixEngine final : public OrderStatsEngine {
  private:
   // Pass 1 sink: top-digit histogram and the exact zero/inf/NaN counts.
   struct CountSink {
-    std::vector<uint32_t> hist;
+    // Two histogram copies (even/odd entries) so that runs of equal bins do not serialise on
+    // store-to-load forwarding; summed at the end of each block.
+    std::vector<uint32_t> hist;  // [2][kTopBins]
     uint64_t zeros = 0, infs = 0, nans = 0;
-    void init() { hist.assign(kTopBins, 0); }
+    void init() { hist.assign(2 * kTopBins, 0); }
     void consume(const Bits* p, int64_t n, int64_t stride) {
+      if constexpr (Policy::kFormat == FloatFormat::kFloat32 && Policy::kAbs) {
+        if (stride == 1) {
+          simd::count_f32_abs(p, n, hist.data(), hist.data() + kTopBins, zeros, infs);
+          return;
+        }
+      }
       if (stride == 1) {
-        run(p, n, [p](int64_t i) { return p[i]; });
+        run(n, [p](int64_t i) { return p[i]; });
       } else {
-        run(p, n, [p, stride](int64_t i) { return p[i * stride]; });
+        run(n, [p, stride](int64_t i) { return p[i * stride]; });
       }
     }
     template <class Load>
-    inline void run(const Bits* p, int64_t n, Load load) {
-      uint32_t* h = hist.data();
+    inline void run(int64_t n, Load load) {
+      uint32_t* ha = hist.data();
+      uint32_t* hb = hist.data() + kTopBins;
       uint64_t z = 0, f = 0, q = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        const Bits raw = load(i);
+      auto one = [&](Bits raw, uint32_t* h) {
         const Bits key = Policy::key(raw);
         ++h[key >> kTopShift];
         if constexpr (Policy::kAbs && kLevels > 1) {
@@ -181,16 +190,24 @@ class RadixEngine final : public OrderStatsEngine {
         if constexpr (!Policy::kAbs) {
           q += Bits(raw & Bits(~Traits::kSign)) > Traits::kInf;
         }
+      };
+      int64_t i = 0;
+      for (; i + 2 <= n; i += 2) {
+        one(load(i), ha);
+        one(load(i + 1), hb);
       }
+      if (i < n) one(load(i), ha);
       zeros += z;
       infs += f;
       nans += q;
     }
     void end_block(std::vector<uint64_t>& total) {
       for (int b = 0; b < kTopBins; ++b) {
-        if (hist[b]) {
-          atomic_add(total[b], hist[b]);
+        const uint64_t c = uint64_t{hist[b]} + hist[kTopBins + b];
+        if (c) {
+          atomic_add(total[b], c);
           hist[b] = 0;
+          hist[kTopBins + b] = 0;
         }
       }
     }
@@ -266,10 +283,28 @@ class RadixEngine final : public OrderStatsEngine {
     }
 
     void consume(const Bits* p, int64_t n, int64_t stride) {
+      if constexpr (Policy::kFormat == FloatFormat::kFloat32 && Policy::kAbs) {
+        if (stride == 1) {
+          select_contiguous_f32(p, n);
+          return;
+        }
+      }
       if (stride == 1) {
         run(n, [p](int64_t i) { return p[i]; });
       } else {
         run(n, [p, stride](int64_t i) { return p[i * stride]; });
+      }
+    }
+
+    void select_contiguous_f32(const Bits* p, int64_t n) {
+      const Bits span = Bits(cfg->hi - cfg->lo);
+      int64_t i = 0;
+      while (i < n) {
+        const int64_t take = std::min<int64_t>(n - i, kBuffer - 8 - n_keys);
+        n_keys += static_cast<int>(
+            simd::select_f32_abs(p + i, take, cfg->lo, span, keys.data() + n_keys));
+        i += take;
+        if (n_keys > kBuffer - kMinRoom) flush();
       }
     }
 
@@ -294,6 +329,13 @@ class RadixEngine final : public OrderStatsEngine {
 
     void flush() {
       const SelectConfig& c = *cfg;
+      if constexpr (Policy::kFormat == FloatFormat::kFloat32 && Policy::kAbs) {
+        // One bin (a single hill): the tail sums need no bucket scatter.
+        if (c.m == 1 && c.with_logs) {
+          flush_single_bin_f32();
+          return;
+        }
+      }
       int n_values = 0;
       for (int i = 0; i < n_keys; ++i) {
         const Bits key = keys[i];
@@ -313,13 +355,35 @@ class RadixEngine final : public OrderStatsEngine {
       const double ref = c.log_ref;
       double* y = logs.data();
       const double* x = values.data();
-      for (int i = 0; i < n_values; ++i) y[i] = fast_log(x[i]) - ref;
+      simd::log_minus(x, y, n_values, ref);
       const int stride = c.m + 1;
       for (int i = 0; i < n_values; ++i) {
         const size_t slot = static_cast<size_t>(i & (kInterleave - 1)) * stride + buckets[i];
         sum_log[slot] += y[i];
         sum_log_sq[slot] += y[i] * y[i];
       }
+    }
+
+    void flush_single_bin_f32() {
+      const SelectConfig& c = *cfg;
+      const Bits bin = c.prefixes[0];
+      for (int i = 0; i < n_keys; ++i) {
+        const Bits key = keys[i];
+        if (Bits(key >> c.prefix_shift) == bin) ++sub[(key >> c.digit_shift) & c.digit_mask];
+      }
+      // Bucket 1 (above the bin) of interleave lanes 0..3.
+      double lanes[kInterleave], lanes_sq[kInterleave];
+      for (int r = 0; r < kInterleave; ++r) {
+        lanes[r] = sum_log[static_cast<size_t>(r) * 2 + 1];
+        lanes_sq[r] = sum_log_sq[static_cast<size_t>(r) * 2 + 1];
+      }
+      simd::sum_log_f32_above(keys.data(), n_keys, bin, c.prefix_shift, c.log_ref, lanes,
+                              lanes_sq);
+      for (int r = 0; r < kInterleave; ++r) {
+        sum_log[static_cast<size_t>(r) * 2 + 1] = lanes[r];
+        sum_log_sq[static_cast<size_t>(r) * 2 + 1] = lanes_sq[r];
+      }
+      n_keys = 0;
     }
 
     void end_block(std::vector<uint64_t>& total) {

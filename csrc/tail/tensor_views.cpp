@@ -53,8 +53,12 @@ StridedView strided_view_of(const at::Tensor& x) {
   for (int64_t d = 0; d < x.dim(); ++d) {
     if (x.size(d) != 1) dims.emplace_back(x.stride(d), x.size(d));
   }
-  std::stable_sort(dims.begin(), dims.end(),
-                   [](const auto& a, const auto& b) { return a.first < b.first; });
+  // Broadcast (stride 0) dimensions go outermost so that inner runs stay over distinct memory.
+  std::stable_sort(dims.begin(), dims.end(), [](const auto& a, const auto& b) {
+    const uint64_t sa = a.first == 0 ? UINT64_MAX : static_cast<uint64_t>(a.first);
+    const uint64_t sb = b.first == 0 ? UINT64_MAX : static_cast<uint64_t>(b.first);
+    return sa < sb;
+  });
   std::vector<std::pair<int64_t, int64_t>> merged;
   for (const auto& [stride, size] : dims) {
     if (!merged.empty() && merged.back().first * merged.back().second == stride &&

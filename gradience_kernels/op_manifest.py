@@ -1,0 +1,57 @@
+"""The op manifest: every registered ``gradience::`` op with sample inputs.
+
+``python_tests/test_op_manifest.py`` runs torch.library.opcheck on every entry for every
+available device and fails if an op registered by the extension has no entry here, so no op
+can be added without a fake kernel and an opcheck.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class OpSample:
+    name: str  # the op's qualified name without namespace, e.g. "tail_stats"
+    make_args: Callable[[torch.device], tuple]
+    description: str
+
+
+def _heavy(n: int, device: torch.device, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.empty(n, dtype=torch.float64).cauchy_(generator=g)
+    return x.to(dtype=dtype, device=device)
+
+
+MANIFEST: list[OpSample] = [
+    OpSample(
+        "tail_stats",
+        lambda d: ([_heavy(3000, d), _heavy(1000, d, seed=1).reshape(10, 100).t()], [10, 100], [0.05]),
+        "two tensors (one transposed) as one sample, explicit ks and a k_ratio",
+    ),
+    OpSample(
+        "tail_stats_per_tensor",
+        lambda d: ([_heavy(500, d, torch.bfloat16), _heavy(700, d, torch.bfloat16, 2)], [5], [0.1]),
+        "per-tensor rows over a bf16 list",
+    ),
+    OpSample("hill", lambda d: (_heavy(4096, d, torch.float64), 64), "float64 tensor"),
+    OpSample(
+        "order_statistics",
+        lambda d: ([_heavy(2000, d, torch.float16)], [1, 7, 1999], False),
+        "signed ranks of a float16 tensor",
+    ),
+    OpSample(
+        "quantile",
+        lambda d: ([_heavy(5000, d)], [0.0, 0.25, 0.5, 0.99, 1.0], "linear"),
+        "linear quantiles of a float32 tensor",
+    ),
+]
+
+
+def registered_ops() -> set[str]:
+    """Names of every op the extension registered in the gradience namespace."""
+    names = torch._C._dispatch_get_all_op_names()
+    return {n.split("::", 1)[1].split(".")[0] for n in names if n.startswith("gradience::")}
