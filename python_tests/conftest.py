@@ -1,0 +1,29 @@
+import os
+
+import hypothesis
+import pytest
+import torch
+
+import gradience_kernels  # noqa: F401
+
+hypothesis.settings.register_profile(
+    "ci", max_examples=150, deadline=None, derandomize=True,
+    suppress_health_check=[hypothesis.HealthCheck.too_slow],
+)
+hypothesis.settings.register_profile(
+    "dev", max_examples=40, deadline=None,
+    suppress_health_check=[hypothesis.HealthCheck.too_slow],
+)
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def devices() -> list[str]:
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out.append("cuda")
+    return out
+
+
+@pytest.fixture(params=devices())
+def device(request):
+    return torch.device(request.param)

@@ -1,0 +1,99 @@
+"""Independent NumPy/SciPy references (float64, sort-based) for tests and benchmarks.
+
+Nothing here calls gradience_kernels: every function sorts the float64 values of the sample
+and applies the textbook formula, so agreement with the compiled ops is a real check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+EPS = float(np.finfo(np.float64).eps)
+
+
+def as_float64(x) -> np.ndarray:
+    """The sample (tensor, array, or list of them) as one flat float64 array, values exact."""
+    if isinstance(x, (list, tuple)):
+        parts = [as_float64(t) for t in x]
+        return np.concatenate(parts) if parts else np.empty(0)
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(torch.float64).cpu().reshape(-1).numpy()
+    return np.asarray(x, dtype=np.float64).reshape(-1)
+
+
+def counts(x) -> dict[str, int]:
+    a = as_float64(x)
+    n_nan = int(np.isnan(a).sum())
+    n_inf = int(np.isinf(a).sum())
+    n_zero = int((a == 0).sum())
+    return {"n_eff": a.size - n_nan - n_inf - n_zero, "n_zero": n_zero, "n_nan": n_nan, "n_inf": n_inf}
+
+
+def tail_sorted(x) -> np.ndarray:
+    """Finite nonzero |x|, sorted descending: X(1) >= X(2) >= ..."""
+    a = np.abs(as_float64(x))
+    a = a[np.isfinite(a) & (a != 0)]
+    return np.sort(a)[::-1]
+
+
+def tail_row(x, k: int, desc: np.ndarray | None = None) -> dict[str, float]:
+    """k, X(k+1), X(k), S1, S2, H1, H2 of DESIGN 3.1 by sorting."""
+    a = tail_sorted(x) if desc is None else desc
+    logs = np.log(a[:k])
+    t = a[k]
+    centred = logs - np.log(t)
+    return {
+        "k": float(k),
+        "x_k1": float(t),
+        "x_k": float(a[k - 1]),
+        "s1": float(np.sum(logs)),
+        "s2": float(np.sum(logs * logs)),
+        "h1": float(np.sum(centred)),
+        "h2": float(np.sum(centred * centred)),
+    }
+
+
+def log_scale(x, k: int, desc: np.ndarray | None = None) -> float:
+    """L = max_{i<=k+1} |log X(i)| + |log X(k+1)| + 1: the size of the terms in the log sums.
+
+    Each term of S1/H1 is computed with relative error of a few ulp and each partial sum adds
+    one rounding, so |error| <= c k eps L (and c k eps L^2 for the squared sums); tests use
+    c = 64, which covers both the library's and this module's rounding.
+    """
+    a = tail_sorted(x) if desc is None else desc
+    logs = np.abs(np.log(a[: k + 1]))
+    return float(logs.max() + abs(np.log(a[k])) + 1.0)
+
+
+def hill(x, k: int) -> float:
+    a = tail_sorted(x)
+    return k / float(np.sum(np.log(a[:k]) - np.log(a[k])))
+
+
+def moment(x, k: int) -> float:
+    a = tail_sorted(x)
+    c = np.log(a[:k]) - np.log(a[k])
+    m1 = float(np.mean(c))
+    m2 = float(np.mean(c * c))
+    return m1 + 1.0 - 0.5 / (1.0 - m1 * m1 / m2)
+
+
+def pickands(x, k: int) -> float:
+    a = tail_sorted(x)
+    return float(np.log((a[k - 1] - a[2 * k - 1]) / (a[2 * k - 1] - a[4 * k - 1])) / np.log(2.0))
+
+
+def quantile(x, q: Sequence[float], method: str) -> np.ndarray:
+    return np.quantile(as_float64(x), np.asarray(q, dtype=np.float64), method=method)
+
+
+def kth_smallest(x, ranks: Sequence[int]) -> np.ndarray:
+    a = np.sort(as_float64(x))
+    return a[np.asarray(ranks) - 1]
+
+
+def kth_largest_abs(x, ranks: Sequence[int]) -> np.ndarray:
+    return tail_sorted(x)[np.asarray(ranks) - 1]
