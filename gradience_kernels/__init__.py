@@ -4,7 +4,9 @@ Importing the package loads the compiled extension ``_C`` (which registers every
 ``torch.ops.gradience.*`` op) before any Python-side ``torch.library`` registration.
 """
 
-from . import _C  # noqa: F401  (must come first: registers the ops)
+import torch  # noqa: F401  (loads libtorch/libc10, which _C links against)
+
+from . import _C  # noqa: F401  (must come before any torch.library call: registers the ops)
 from .tail import (
     HillResult,
     MomentResult,

@@ -1,0 +1,136 @@
+"""The main job (`gradience demo`): tail estimates on built-in data, with timings next to a
+NumPy sort-based Hill on the same data.
+
+Data: 10^7 draws each of Cauchy (alpha = 1), Student-t(3) (alpha = 3), Laplace and Gaussian
+(exponential-type tails: gamma = 0), and the gradients of a small MLP that the demo builds and
+trains for a few steps on synthetic data (all parameter gradients read as one sample).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from . import tail
+
+K_RATIOS = (0.05, 0.1, 0.2)
+
+
+def built_in_samples(n: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    normal = torch.randn(n, generator=g, dtype=torch.float64)
+    chi2 = torch.randn(3, n, generator=g, dtype=torch.float64).pow(2).sum(0)
+    return {
+        "Cauchy": torch.tan(torch.pi * (u - 0.5)).float(),
+        "Student-t(3)": (torch.randn(n, generator=g, dtype=torch.float64) / (chi2 / 3).sqrt()).float(),
+        "Laplace": (-torch.sign(u - 0.5) * torch.log1p(-2 * (u - 0.5).abs())).float(),
+        "Gaussian": normal.float(),
+    }
+
+
+def small_model_gradients(seed: int, steps: int = 20) -> list[torch.Tensor]:
+    """Gradients of every parameter of a 3-layer MLP after `steps` SGD steps."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(256, 512), torch.nn.ReLU(),
+        torch.nn.Linear(512, 512), torch.nn.ReLU(),
+        torch.nn.Linear(512, 10),
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    inputs = torch.randn(2048, 256, generator=g)
+    labels = torch.randint(0, 10, (2048,), generator=g)
+    for step in range(steps + 1):
+        batch = slice((step * 128) % 2048, (step * 128) % 2048 + 128)
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(inputs[batch]), labels[batch])
+        loss.backward()
+        if step < steps:
+            opt.step()
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def numpy_sort_hill(arrays: list[np.ndarray], ratios=K_RATIOS) -> list[float]:
+    """The usual NumPy route: |x|, drop zeros/non-finite, full sort, Hill per k."""
+    a = np.abs(np.concatenate([x.reshape(-1) for x in arrays]).astype(np.float64))
+    a = a[np.isfinite(a) & (a > 0)]
+    a = np.sort(a)[::-1]
+    logs = np.log(a)
+    out = []
+    for r in ratios:
+        k = int(r * a.size)
+        out.append(k / float(np.sum(logs[:k] - logs[k])))
+    return out
+
+
+def _timed(fn: Callable[[], object], repeats: int = 3) -> tuple[object, float]:
+    best = float("inf")
+    result = None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t0)
+    return result, best
+
+
+def tail_table(n: int = 10**7, seed: int = 0) -> list[dict[str, object]]:
+    samples: dict[str, list[torch.Tensor]] = {
+        name: [x] for name, x in built_in_samples(n, seed).items()
+    }
+    samples["MLP gradients"] = small_model_gradients(seed)
+    rows = []
+    for name, xs in samples.items():
+        (stats, counts), t_ours = _timed(lambda: tail.tail_stats(xs, (), K_RATIOS))
+        moment = tail.moment_estimator(xs, k_ratio=0.05)
+        pick = tail.pickands(xs, k_ratio=0.05)
+        arrays = [x.numpy() for x in xs]
+        ref_alphas, t_numpy = _timed(lambda: numpy_sort_hill(arrays), repeats=1)
+        alphas = (stats[:, 0] / stats[:, 5]).tolist()
+        rows.append(
+            {
+                "data": name,
+                "n_eff": int(counts[0]),
+                "alpha": alphas,
+                "numpy_alpha": ref_alphas,
+                "moment_gamma": float(moment.gamma),
+                "moment_stderr": float(moment.stderr),
+                "pickands_gamma": float(pick.gamma),
+                "time_s": t_ours,
+                "numpy_time_s": t_numpy,
+            }
+        )
+    return rows
+
+
+def format_tail_table(rows: list[dict[str, object]]) -> str:
+    head = (
+        f"{'data':<15}{'n_eff':>11}"
+        + "".join(f"{'Hill a k/n=' + str(r):>16}" for r in K_RATIOS)
+        + f"{'moment g':>16}{'Pickands g':>12}{'gradience':>11}{'NumPy sort':>12}{'speed-up':>10}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        alphas = "".join(f"{a:>16.4f}" for a in r["alpha"])
+        moment = f"{r['moment_gamma']:+.3f}±{r['moment_stderr']:.3f}"
+        lines.append(
+            f"{r['data']:<15}{r['n_eff']:>11}{alphas}{moment:>16}{r['pickands_gamma']:>+12.3f}"
+            f"{r['time_s'] * 1e3:>9.1f}ms{r['numpy_time_s'] * 1e3:>10.0f}ms"
+            f"{r['numpy_time_s'] / r['time_s']:>9.0f}x"
+        )
+    worst = max(
+        abs(a - b) / abs(b) for r in rows for a, b in zip(r["alpha"], r["numpy_alpha"])
+    )
+    lines.append(
+        f"Hill alpha agrees with the NumPy sort-based Hill to a relative {worst:.1e}. "
+        "Moment gamma > 0: power-law tail (alpha = 1/gamma); ~0: exponential-type tail."
+    )
+    return "\n".join(lines)
+
+
+def run_demo(n: int = 10**7, seed: int = 0) -> None:
+    print(f"gradience demo: tail index of |x| on built-in data ({torch.get_num_threads()} threads)")
+    print(format_tail_table(tail_table(n, seed)))
