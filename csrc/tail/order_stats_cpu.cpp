@@ -155,15 +155,23 @@ class RadixEngine final : public OrderStatsEngine {
  private:
   // Pass 1 sink: top-digit histogram and the exact zero/inf/NaN counts.
   struct CountSink {
-    // Two histogram copies (even/odd entries) so that runs of equal bins do not serialise on
-    // store-to-load forwarding; summed at the end of each block.
-    std::vector<uint32_t> hist;  // [2][kTopBins]
+    // Several histogram copies (consecutive entries go to different copies) so that runs of
+    // equal bins do not serialise on store-to-load forwarding; summed at the end of each block.
+    static constexpr int kCopies = 4;
+    std::vector<uint32_t> hist;  // [kCopies][kTopBins]
     uint64_t zeros = 0, infs = 0, nans = 0;
-    void init() { hist.assign(2 * kTopBins, 0); }
+    void init() { hist.assign(kCopies * kTopBins, 0); }
     void consume(const Bits* p, int64_t n, int64_t stride) {
       if constexpr (Policy::kFormat == FloatFormat::kFloat32 && Policy::kAbs) {
         if (stride == 1) {
           simd::count_f32_abs(p, n, hist.data(), hist.data() + kTopBins, zeros, infs);
+          return;
+        }
+      }
+      if constexpr (sizeof(Bits) == 2 && Policy::kAbs) {
+        if (stride == 1) {
+          uint32_t* h = hist.data();
+          simd::count_u16_abs(p, n, h, h + kTopBins, h + 2 * kTopBins, h + 3 * kTopBins);
           return;
         }
       }
@@ -203,12 +211,12 @@ class RadixEngine final : public OrderStatsEngine {
     }
     void end_block(std::vector<uint64_t>& total) {
       for (int b = 0; b < kTopBins; ++b) {
-        const uint64_t c = uint64_t{hist[b]} + hist[kTopBins + b];
-        if (c) {
-          atomic_add(total[b], c);
-          hist[b] = 0;
-          hist[kTopBins + b] = 0;
+        uint64_t c = 0;
+        for (int copy = 0; copy < kCopies; ++copy) {
+          c += hist[copy * kTopBins + b];
+          hist[copy * kTopBins + b] = 0;
         }
+        if (c) atomic_add(total[b], c);
       }
     }
   };
@@ -257,6 +265,10 @@ class RadixEngine final : public OrderStatsEngine {
     int m = 0;
     bool with_logs = false;
     double log_ref = 0.0;
+    // For prefixes of at most 16 bits: class_of_prefix[p] = 2 j + 1 if p is prefixes[j], else
+    // 2 j with j the index of the first prefix above p (its bucket). Replaces a binary search
+    // whose branches mispredict on every candidate when many ranks are asked for.
+    std::vector<uint16_t> class_of_prefix;
   };
 
   struct SelectSink {
@@ -337,17 +349,34 @@ class RadixEngine final : public OrderStatsEngine {
         }
       }
       int n_values = 0;
-      for (int i = 0; i < n_keys; ++i) {
-        const Bits key = keys[i];
-        const Bits p = Bits(key >> c.prefix_shift);
-        const int j = c.m == 1 ? (p > c.prefixes[0] ? 1 : 0)
-                               : lower_bound_index(c.prefixes, c.m, p);
-        if (j < c.m && c.prefixes[j] == p) {
-          ++sub[static_cast<size_t>(j) * c.digit_bins + ((key >> c.digit_shift) & c.digit_mask)];
-        } else if (c.with_logs) {
-          values[n_values] = Policy::value_of_key(key);
-          buckets[n_values] = j;
-          ++n_values;
+      if (!c.class_of_prefix.empty()) {
+        const uint16_t* classes = c.class_of_prefix.data();
+        for (int i = 0; i < n_keys; ++i) {
+          const Bits key = keys[i];
+          const int cls = classes[key >> c.prefix_shift];
+          if (cls & 1) {
+            ++sub[static_cast<size_t>(cls >> 1) * c.digit_bins +
+                  ((key >> c.digit_shift) & c.digit_mask)];
+          } else if (c.with_logs) {
+            values[n_values] = Policy::value_of_key(key);
+            buckets[n_values] = cls >> 1;
+            ++n_values;
+          }
+        }
+      } else {
+        for (int i = 0; i < n_keys; ++i) {
+          const Bits key = keys[i];
+          const Bits p = Bits(key >> c.prefix_shift);
+          const int j = c.m == 1 ? (p > c.prefixes[0] ? 1 : 0)
+                                 : lower_bound_index(c.prefixes, c.m, p);
+          if (j < c.m && c.prefixes[j] == p) {
+            ++sub[static_cast<size_t>(j) * c.digit_bins +
+                  ((key >> c.digit_shift) & c.digit_mask)];
+          } else if (c.with_logs) {
+            values[n_values] = Policy::value_of_key(key);
+            buckets[n_values] = j;
+            ++n_values;
+          }
         }
       }
       n_keys = 0;
@@ -426,6 +455,16 @@ class RadixEngine final : public OrderStatsEngine {
       cfg.log_ref = fast_log(Policy::value_of_key(ref_key));
     }
 
+    if (Policy::kWidth - cfg.prefix_shift <= 16 && m > 1 && m < (1 << 15)) {
+      cfg.class_of_prefix.resize(size_t{1} << (Policy::kWidth - cfg.prefix_shift));
+      int j = 0;
+      for (size_t p = 0; p < cfg.class_of_prefix.size(); ++p) {
+        while (j < m && bins[j] < p) ++j;
+        cfg.class_of_prefix[p] =
+            static_cast<uint16_t>(2 * j + (j < m && bins[j] == p ? 1 : 0));
+      }
+    }
+
     std::vector<uint64_t> sub_total(static_cast<size_t>(m) * cfg.digit_bins, 0);
     std::vector<SelectSink> sinks(max_threads());
     for (auto& s : sinks) s.cfg = &cfg;
@@ -474,6 +513,8 @@ class RadixEngine final : public OrderStatsEngine {
     // Sums above each rank: buckets above its bin, whole bins above its bin, and the digits
     // above its own inside its bin (exact values: the last digit completes the key).
     std::vector<double> full_log(m, 0.0), full_log_sq(m, 0.0);
+    std::vector<int> digits;
+    std::vector<double> values, logs;
     std::vector<std::vector<int>> ranks_in_bin(m);
     for (int t = 0; t < n_ranks; ++t) ranks_in_bin[bin_of_rank[t]].push_back(t);
     for (int j = 0; j < m; ++j) {
@@ -481,20 +522,31 @@ class RadixEngine final : public OrderStatsEngine {
       std::sort(members.begin(), members.end(),
                 [&](int a, int b) { return digit_of_rank[a] > digit_of_rank[b]; });
       const uint64_t* h = sub_total.data() + static_cast<size_t>(j) * cfg.digit_bins;
+      // Values of the nonempty digits (descending), their logs in one vectorised call.
+      digits.clear();
+      values.clear();
+      for (int d = cfg.digit_bins - 1; d >= 0; --d) {
+        const Bits key = Bits((Bits(bins[j]) << cfg.prefix_shift) | Bits(d));
+        if (h[d] == 0 || key == 0) continue;  // zeros are not in any tail sum
+        digits.push_back(d);
+        values.push_back(Policy::value_of_key(key));
+      }
+      logs.resize(values.size());
+      simd::log_minus(values.data(), logs.data(), static_cast<int64_t>(values.size()),
+                      cfg.log_ref);
       double run_log = 0.0, run_log_sq = 0.0;
       size_t next = 0;
-      for (int d = cfg.digit_bins - 1; d >= 0; --d) {
-        while (next < members.size() && digit_of_rank[members[next]] == d) {
+      for (size_t e = 0; e <= digits.size(); ++e) {
+        const int d = e < digits.size() ? digits[e] : -1;
+        while (next < members.size() && digit_of_rank[members[next]] >= d) {
           out[members[next]].sum_log = run_log;
           out[members[next]].sum_log_sq = run_log_sq;
           ++next;
         }
-        if (h[d] == 0) continue;
-        const Bits key = Bits((Bits(bins[j]) << cfg.prefix_shift) | Bits(d));
-        if (key == 0) continue;  // zeros are not in any tail sum
-        const double y = fast_log(Policy::value_of_key(key)) - cfg.log_ref;
-        run_log += static_cast<double>(h[d]) * y;
-        run_log_sq += static_cast<double>(h[d]) * y * y;
+        if (e == digits.size()) break;
+        const double c = static_cast<double>(h[d]);
+        run_log += c * logs[e];
+        run_log_sq += c * logs[e] * logs[e];
       }
       full_log[j] = run_log;
       full_log_sq[j] = run_log_sq;

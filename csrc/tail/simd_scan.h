@@ -82,6 +82,23 @@ inline void count_f32_abs(const uint32_t* p, int64_t n, uint32_t* hist_a, uint32
   }
 }
 
+// Pass 1 over contiguous 16-bit floats: the 15-bit |x| key is the whole histogram index.
+// Four keys per 64-bit load and four histogram copies: measured 0.35-0.45 ns/entry against
+// 0.5-0.8 for one 16-bit load and increment per entry.
+inline void count_u16_abs(const uint16_t* p, int64_t n, uint32_t* h0, uint32_t* h1, uint32_t* h2,
+                          uint32_t* h3) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    uint64_t v;
+    std::memcpy(&v, p + i, sizeof v);
+    ++h0[v & 0x7fff];
+    ++h1[(v >> 16) & 0x7fff];
+    ++h2[(v >> 32) & 0x7fff];
+    ++h3[(v >> 48) & 0x7fff];
+  }
+  for (; i < n; ++i) ++h0[p[i] & 0x7fff];
+}
+
 #if defined(__AVX2__)
 // Lane indices that move the set lanes of an 8-bit mask to the front, for _mm256_permutevar8x32.
 struct LeftPackTable {
