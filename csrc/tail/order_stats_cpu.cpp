@@ -18,6 +18,7 @@
 #include <stdexcept>
 
 #include "common/parallel.h"
+#include "tail/compensated_sum.h"
 #include "tail/fast_log.h"
 #include "tail/order_stats_kernels.h"
 #include "tail/simd_scan.h"
@@ -32,6 +33,16 @@ constexpr int64_t kMinBlock = int64_t{1} << 16;
 constexpr int kBuffer = 2048;      // candidate keys buffered before classification
 constexpr int kMinRoom = 256;      // flush when fewer free slots remain
 constexpr int kInterleave = 4;     // independent accumulators per bucket: hides FP add latency
+constexpr int kHitBuffer = 1 << 16;  // pending sub-histogram increments per thread
+
+// Per-thread buffers reused across calls: histograms are zeroed rather than allocated afresh, so
+// a call does not pay page faults on megabytes of new memory (measured: ~12% of a 64-rank
+// hill_plot). They keep their size between calls, bounded by the bins of the largest call.
+template <class T, int kTag>
+std::vector<T>& thread_scratch() {
+  static thread_local std::vector<T> buffer;
+  return buffer;
+}
 
 inline void atomic_add(uint64_t& target, uint64_t value) {
   std::atomic_ref<uint64_t>(target).fetch_add(value, std::memory_order_relaxed);
@@ -152,25 +163,146 @@ class RadixEngine final : public OrderStatsEngine {
     }
   }
 
+  // The sampled single pass (2-level |x| keys, i.e. float32): a stratified sample of the data
+  // (evenly spaced blocks) bounds the top-digit bins that can hold each requested rank; one pass
+  // then histograms the last digit inside those windows, counts and log-sums everything above
+  // them, and counts zero/inf/NaN. If a rank turns out to lie outside its window (probability
+  // below ~1e-9 for the 6-sigma windows, or on adversarial layouts) this returns false and the
+  // caller runs the exact two-pass path: results are exact either way.
+  bool resolve_sampled(const std::vector<RankRequest>& requests, bool with_log_sums,
+                       std::vector<RankResult>& out, double* log_ref,
+                       SampleCounts* counts) override {
+    if constexpr (!(Policy::kAbs && kLevels == 2)) {
+      return false;
+    } else {
+      if (total_ < kSampledMinEntries || requests.empty()) return false;
+      // Sample: kSampleBlocks blocks of kSampleBlock entries, evenly spread.
+      const int64_t n_blocks = std::min<int64_t>(kSampleBlocks, total_ / (16 * kSampleBlock));
+      if (n_blocks < 16) return false;
+      CountSink sample;
+      sample.init();
+      std::vector<uint64_t> sample_hist(kTopBins, 0);
+      for (int64_t b = 0; b < n_blocks; ++b) {
+        const int64_t begin = static_cast<int64_t>(
+            (static_cast<__int128>(b) * (total_ - kSampleBlock)) / (n_blocks - 1));
+        consume_range(sample, begin, begin + kSampleBlock);
+      }
+      sample.end_block(sample_hist);
+      const double s = static_cast<double>(n_blocks * kSampleBlock);
+      uint64_t s_nonfinite = 0;
+      for (uint64_t b = uint64_t(Traits::kInf) >> kTopShift; b < uint64_t(kTopBins); ++b) {
+        s_nonfinite += sample_hist[b];
+      }
+      const double s_eff = s - static_cast<double>(sample.zeros + s_nonfinite);
+      if (s_eff < 1024) return false;
+      const double n = static_cast<double>(total_);
+      const double valid_fraction = s_eff / s;
+
+      // Window of top bins for each request, from the sample's descending cumulative counts.
+      const int64_t top_valid_bin = static_cast<int64_t>(Policy::kMaxValidKey >> kTopShift);
+      auto bin_of_sample_rank = [&](double rank) -> int64_t {
+        if (rank > s_eff) return 0;
+        double above = 0;
+        for (int64_t b = top_valid_bin; b > 0; --b) {
+          above += static_cast<double>(sample_hist[b]);
+          if (above >= rank) return b;
+        }
+        return 0;
+      };
+      std::vector<Bits> bins;
+      for (const RankRequest& q : requests) {
+        const double rank = (q.ratio > 0 ? q.ratio * n * valid_fraction
+                                         : static_cast<double>(q.k)) + static_cast<double>(q.offset);
+        const double p = std::clamp(rank / n, 0.0, 1.0);
+        double spread = 6.0 * std::sqrt(s * p * (1.0 - p)) + 16.0;
+        if (q.ratio > 0) spread += 6.0 * q.ratio * std::sqrt(s * valid_fraction * (1 - valid_fraction));
+        const double sample_rank = rank * s / n;
+        const int64_t hi_bin = bin_of_sample_rank(std::max(1.0, sample_rank - spread));
+        const int64_t lo_bin = bin_of_sample_rank(sample_rank + spread);
+        if (hi_bin - lo_bin > kMaxWindowBins) return false;
+        for (int64_t b = lo_bin; b <= hi_bin; ++b) bins.push_back(static_cast<Bits>(b));
+      }
+      std::sort(bins.begin(), bins.end());
+      bins.erase(std::unique(bins.begin(), bins.end()), bins.end());
+      if (static_cast<int64_t>(bins.size()) > kMaxSampledBins) return false;
+
+      PassResult pass;
+      select_pass(1, bins, with_log_sums, /*count_all=*/true, pass);
+      counts_.n_zero = static_cast<int64_t>(pass.zeros);
+      counts_.n_inf = static_cast<int64_t>(pass.infs);
+      counts_.n_nan = static_cast<int64_t>(pass.nans);
+      counts_.n_eff = total_ - counts_.n_zero - counts_.n_inf - counts_.n_nan;
+      *counts = counts_;
+
+      // Exact ranks, now that n_eff is known; the caller validates them against n_eff.
+      const int m = static_cast<int>(bins.size());
+      std::vector<int64_t> ranks(requests.size());
+      for (size_t t = 0; t < requests.size(); ++t) {
+        const RankRequest& q = requests[t];
+        ranks[t] = (q.ratio > 0 ? static_cast<int64_t>(std::floor(q.ratio * counts_.n_eff)) : q.k) +
+                   q.offset;
+        if (ranks[t] < 1 || ranks[t] > counts_.n_eff) return true;  // caller raises
+      }
+      // Entries above each window bin j: buckets j+1..m and bins j+1..m-1.
+      std::vector<int64_t> full(m), above(m);
+      for (int j = 0; j < m; ++j) {
+        const uint64_t* h = pass.sub_total.data() + static_cast<size_t>(j) * pass.cfg.digit_bins;
+        full[j] = static_cast<int64_t>(std::accumulate(h, h + pass.cfg.digit_bins, uint64_t{0}));
+      }
+      int64_t running = static_cast<int64_t>(pass.bucket_count[m]);
+      for (int j = m - 1; j >= 0; --j) {
+        above[j] = running;
+        running += full[j] + static_cast<int64_t>(pass.bucket_count[j]);
+      }
+      std::vector<Bits> prefix(requests.size());
+      std::vector<int64_t> residual(requests.size());
+      for (size_t t = 0; t < requests.size(); ++t) {
+        int j = m - 1;
+        while (j >= 0 && !(above[j] < ranks[t] && ranks[t] <= above[j] + full[j])) --j;
+        if (j < 0) {
+          counted_ = false;
+          return false;  // outside every window: the exact path takes over
+        }
+        prefix[t] = bins[j];
+        residual[t] = ranks[t] - above[j];
+      }
+      out.assign(requests.size(), RankResult{});
+      descend(1, bins, pass, ranks, prefix, residual, out, log_ref);
+      return true;
+    }
+  }
+
  private:
+  static constexpr int64_t kSampledMinEntries = int64_t{1} << 22;
+  static constexpr int64_t kSampleBlock = 4096;
+  static constexpr int64_t kSampleBlocks = 256;  // 2^20 sampled entries at most
+  static constexpr int64_t kMaxWindowBins = 64;
+  // Above this many window bins (many ranks) the window sub-histograms cost more than the
+  // counting pass they save: the exact two-pass path is faster.
+  static constexpr int64_t kMaxSampledBins = 24;
+
   // Pass 1 sink: top-digit histogram and the exact zero/inf/NaN counts.
   struct CountSink {
     // Several histogram copies (consecutive entries go to different copies) so that runs of
     // equal bins do not serialise on store-to-load forwarding; summed at the end of each block.
     static constexpr int kCopies = 4;
-    std::vector<uint32_t> hist;  // [kCopies][kTopBins]
+    uint32_t* hist = nullptr;  // [kCopies][kTopBins], this thread's scratch
     uint64_t zeros = 0, infs = 0, nans = 0;
-    void init() { hist.assign(kCopies * kTopBins, 0); }
+    void init() {
+      auto& store = thread_scratch<uint32_t, 0>();
+      store.assign(kCopies * kTopBins, 0);
+      hist = store.data();
+    }
     void consume(const Bits* p, int64_t n, int64_t stride) {
       if constexpr (Policy::kFormat == FloatFormat::kFloat32 && Policy::kAbs) {
         if (stride == 1) {
-          simd::count_f32_abs(p, n, hist.data(), hist.data() + kTopBins, zeros, infs);
+          simd::count_f32_abs(p, n, hist, hist + kTopBins, zeros, infs);
           return;
         }
       }
       if constexpr (sizeof(Bits) == 2 && Policy::kAbs) {
         if (stride == 1) {
-          uint32_t* h = hist.data();
+          uint32_t* h = hist;
           simd::count_u16_abs(p, n, h, h + kTopBins, h + 2 * kTopBins, h + 3 * kTopBins);
           return;
         }
@@ -183,8 +315,8 @@ class RadixEngine final : public OrderStatsEngine {
     }
     template <class Load>
     inline void run(int64_t n, Load load) {
-      uint32_t* ha = hist.data();
-      uint32_t* hb = hist.data() + kTopBins;
+      uint32_t* ha = hist;
+      uint32_t* hb = hist + kTopBins;
       uint64_t z = 0, f = 0, q = 0;
       auto one = [&](Bits raw, uint32_t* h) {
         const Bits key = Policy::key(raw);
@@ -237,20 +369,24 @@ class RadixEngine final : public OrderStatsEngine {
         ready[thread] = 1;
       }
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t begin = b * block;
-        const int64_t end = std::min(total_, begin + block);
-        // First view that ends after `begin`.
-        size_t v = std::upper_bound(offsets_.begin(), offsets_.end(), begin) - offsets_.begin() - 1;
-        for (; v < views_.size() && offsets_[v] < end; ++v) {
-          const int64_t lo = std::max(begin, offsets_[v]) - offsets_[v];
-          const int64_t hi = std::min(end, offsets_[v + 1]) - offsets_[v];
-          for_each_run<Bits>(views_[v], lo, hi, [&](const Bits* p, int64_t n, int64_t stride) {
-            sink.consume(p, n, stride);
-          });
-        }
+        consume_range(sink, b * block, std::min(total_, (b + 1) * block));
         end_block(sink);
       }
     });
+  }
+
+  // sink.consume over the runs of the entries [begin, end) of the sample (all views in order).
+  template <class Sink>
+  void consume_range(Sink& sink, int64_t begin, int64_t end) {
+    // First view that ends after `begin`.
+    size_t v = std::upper_bound(offsets_.begin(), offsets_.end(), begin) - offsets_.begin() - 1;
+    for (; v < views_.size() && offsets_[v] < end; ++v) {
+      const int64_t lo = std::max(begin, offsets_[v]) - offsets_[v];
+      const int64_t hi = std::min(end, offsets_[v + 1]) - offsets_[v];
+      for_each_run<Bits>(views_[v], lo, hi, [&](const Bits* p, int64_t n, int64_t stride) {
+        sink.consume(p, n, stride);
+      });
+    }
   }
 
   // Configuration of one selection pass over the bins `prefixes` (ascending, distinct) of the
@@ -269,28 +405,51 @@ class RadixEngine final : public OrderStatsEngine {
     // 2 j with j the index of the first prefix above p (its bucket). Replaces a binary search
     // whose branches mispredict on every candidate when many ranks are asked for.
     std::vector<uint16_t> class_of_prefix;
+    bool contiguous = false;  // prefixes are consecutive integers
+    bool count_all = false;   // also count zero/inf/NaN keys over every entry
   };
 
   struct SelectSink {
     const SelectConfig* cfg = nullptr;
     std::vector<Bits> keys;
     int n_keys = 0;
-    std::vector<uint32_t> sub;     // [m][digit_bins]
+    uint32_t* sub = nullptr;       // [m][digit_bins], this thread's scratch
+    size_t sub_size = 0;
     std::vector<double> values;    // [kBuffer] candidates above all matching bins
     std::vector<int> buckets;      // [kBuffer]
     std::vector<double> logs;      // [kBuffer]
-    std::vector<double> sum_log;   // [kInterleave][m + 1]
-    std::vector<double> sum_log_sq;
+    std::vector<CompensatedSum> sum_log;  // [kInterleave][m + 1]
+    std::vector<CompensatedSum> sum_log_sq;
+    std::vector<uint64_t> bucket_count;  // [m + 1]
+    uint64_t zeros = 0, infs = 0, nans = 0;
+    // Sub-histogram slots of candidates inside the rank bins, applied bin by bin: with many
+    // ranks the sub-histograms (128 KiB each for float32) outgrow L2, and applying increments
+    // in arrival order missed cache on nearly every one (measured: 80% of the pass's time with
+    // 64 ks; grouping by bin keeps each bin's histogram in L2 while it is updated).
+    std::vector<uint32_t> hits, grouped;
+    std::vector<uint32_t> group_start;
+    int n_hits = 0;
+    bool group_hits = false;
 
     void init() {
       keys.assign(kBuffer, 0);
-      sub.assign(static_cast<size_t>(cfg->m) * cfg->digit_bins, 0);
+      group_hits = static_cast<size_t>(cfg->m) * cfg->digit_bins * sizeof(uint32_t) > (256u << 10);
+      if (group_hits) {
+        hits.assign(kHitBuffer, 0);
+        grouped.assign(kHitBuffer, 0);
+        group_start.assign(cfg->m + 1, 0);
+      }
+      auto& store = thread_scratch<uint32_t, 1>();
+      sub_size = static_cast<size_t>(cfg->m) * cfg->digit_bins;
+      store.assign(sub_size, 0);
+      sub = store.data();
+      bucket_count.assign(cfg->m + 1, 0);
       if (cfg->with_logs) {
         values.assign(kBuffer, 0.0);
         buckets.assign(kBuffer, 0);
         logs.assign(kBuffer, 0.0);
-        sum_log.assign(static_cast<size_t>(kInterleave) * (cfg->m + 1), 0.0);
-        sum_log_sq.assign(sum_log.size(), 0.0);
+        sum_log.assign(static_cast<size_t>(kInterleave) * (cfg->m + 1), CompensatedSum{});
+        sum_log_sq.assign(sum_log.size(), CompensatedSum{});
       }
     }
 
@@ -313,8 +472,11 @@ class RadixEngine final : public OrderStatsEngine {
       int64_t i = 0;
       while (i < n) {
         const int64_t take = std::min<int64_t>(n - i, kBuffer - 8 - n_keys);
+        Bits* out = keys.data() + n_keys;
         n_keys += static_cast<int>(
-            simd::select_f32_abs(p + i, take, cfg->lo, span, keys.data() + n_keys));
+            cfg->count_all
+                ? simd::select_count_f32_abs(p + i, take, cfg->lo, span, out, zeros, infs, nans)
+                : simd::select_f32_abs(p + i, take, cfg->lo, span, out));
         i += take;
         if (n_keys > kBuffer - kMinRoom) flush();
       }
@@ -329,10 +491,25 @@ class RadixEngine final : public OrderStatsEngine {
       while (i < n) {
         const int64_t stop = i + std::min<int64_t>(n - i, kBuffer - n_keys);
         int count = n_keys;
-        for (; i < stop; ++i) {
-          const Bits key = Policy::key(load(i));
-          buf[count] = key;
-          count += Bits(key - lo) <= span;
+        if (cfg->count_all) {
+          uint64_t z = 0, f = 0, q = 0;
+          for (; i < stop; ++i) {
+            const Bits key = Policy::key(load(i));
+            z += key == 0;
+            f += key == Traits::kInf;
+            q += key > Traits::kInf;
+            buf[count] = key;
+            count += Bits(key - lo) <= span;
+          }
+          zeros += z;
+          infs += f;
+          nans += q;
+        } else {
+          for (; i < stop; ++i) {
+            const Bits key = Policy::key(load(i));
+            buf[count] = key;
+            count += Bits(key - lo) <= span;
+          }
         }
         n_keys = count;
         if (n_keys > kBuffer - kMinRoom) flush();
@@ -342,25 +519,35 @@ class RadixEngine final : public OrderStatsEngine {
     void flush() {
       const SelectConfig& c = *cfg;
       if constexpr (Policy::kFormat == FloatFormat::kFloat32 && Policy::kAbs) {
-        // One bin (a single hill): the tail sums need no bucket scatter.
-        if (c.m == 1 && c.with_logs) {
-          flush_single_bin_f32();
+        // Consecutive bins (a single hill): every other candidate is above them, so the tail
+        // sums need no bucket scatter and vectorise whole.
+        if (c.contiguous && c.with_logs) {
+          flush_bin_range_f32();
           return;
         }
       }
       int n_values = 0;
       if (!c.class_of_prefix.empty()) {
         const uint16_t* classes = c.class_of_prefix.data();
+        if (group_hits && n_hits + n_keys > kHitBuffer) apply_hits();
         for (int i = 0; i < n_keys; ++i) {
           const Bits key = keys[i];
           const int cls = classes[key >> c.prefix_shift];
           if (cls & 1) {
-            ++sub[static_cast<size_t>(cls >> 1) * c.digit_bins +
-                  ((key >> c.digit_shift) & c.digit_mask)];
-          } else if (c.with_logs) {
-            values[n_values] = Policy::value_of_key(key);
-            buckets[n_values] = cls >> 1;
-            ++n_values;
+            const uint32_t slot = static_cast<uint32_t>(cls >> 1) * c.digit_bins +
+                                  static_cast<uint32_t>((key >> c.digit_shift) & c.digit_mask);
+            if (group_hits) {
+              hits[n_hits++] = slot;
+            } else {
+              ++sub[slot];
+            }
+          } else {
+            ++bucket_count[cls >> 1];
+            if (c.with_logs) {
+              values[n_values] = Policy::value_of_key(key);
+              buckets[n_values] = cls >> 1;
+              ++n_values;
+            }
           }
         }
       } else {
@@ -372,10 +559,13 @@ class RadixEngine final : public OrderStatsEngine {
           if (j < c.m && c.prefixes[j] == p) {
             ++sub[static_cast<size_t>(j) * c.digit_bins +
                   ((key >> c.digit_shift) & c.digit_mask)];
-          } else if (c.with_logs) {
-            values[n_values] = Policy::value_of_key(key);
-            buckets[n_values] = j;
-            ++n_values;
+          } else {
+            ++bucket_count[j];
+            if (c.with_logs) {
+              values[n_values] = Policy::value_of_key(key);
+              buckets[n_values] = j;
+              ++n_values;
+            }
           }
         }
       }
@@ -388,36 +578,59 @@ class RadixEngine final : public OrderStatsEngine {
       const int stride = c.m + 1;
       for (int i = 0; i < n_values; ++i) {
         const size_t slot = static_cast<size_t>(i & (kInterleave - 1)) * stride + buckets[i];
-        sum_log[slot] += y[i];
-        sum_log_sq[slot] += y[i] * y[i];
+        sum_log[slot].add(y[i]);
+        sum_log_sq[slot].add(y[i] * y[i]);
       }
     }
 
-    void flush_single_bin_f32() {
+    void flush_bin_range_f32() {
       const SelectConfig& c = *cfg;
-      const Bits bin = c.prefixes[0];
+      const Bits first = c.prefixes[0];
+      const Bits last = c.prefixes[c.m - 1];
+      uint64_t above = 0;
       for (int i = 0; i < n_keys; ++i) {
         const Bits key = keys[i];
-        if (Bits(key >> c.prefix_shift) == bin) ++sub[(key >> c.digit_shift) & c.digit_mask];
+        const Bits p = Bits(key >> c.prefix_shift);
+        if (p <= last) {
+          ++sub[static_cast<size_t>(p - first) * c.digit_bins + ((key >> c.digit_shift) & c.digit_mask)];
+        } else {
+          ++above;
+        }
       }
-      // Bucket 1 (above the bin) of interleave lanes 0..3.
-      double lanes[kInterleave], lanes_sq[kInterleave];
+      bucket_count[c.m] += above;
+      // Bucket m (above the last bin) of interleave lanes 0..3.
+      CompensatedSum lanes[kInterleave], lanes_sq[kInterleave];
+      const size_t stride = static_cast<size_t>(c.m) + 1;
       for (int r = 0; r < kInterleave; ++r) {
-        lanes[r] = sum_log[static_cast<size_t>(r) * 2 + 1];
-        lanes_sq[r] = sum_log_sq[static_cast<size_t>(r) * 2 + 1];
+        lanes[r] = sum_log[r * stride + c.m];
+        lanes_sq[r] = sum_log_sq[r * stride + c.m];
       }
-      simd::sum_log_f32_above(keys.data(), n_keys, bin, c.prefix_shift, c.log_ref, lanes,
+      simd::sum_log_f32_above(keys.data(), n_keys, last, c.prefix_shift, c.log_ref, lanes,
                               lanes_sq);
       for (int r = 0; r < kInterleave; ++r) {
-        sum_log[static_cast<size_t>(r) * 2 + 1] = lanes[r];
-        sum_log_sq[static_cast<size_t>(r) * 2 + 1] = lanes_sq[r];
+        sum_log[r * stride + c.m] = lanes[r];
+        sum_log_sq[r * stride + c.m] = lanes_sq[r];
       }
       n_keys = 0;
     }
 
+    // Counting sort of the pending slots by bin, then the increments bin after bin.
+    void apply_hits() {
+      const int m = cfg->m;
+      const int shift = __builtin_ctz(static_cast<unsigned>(cfg->digit_bins));  // a power of 2
+      auto bin_of = [shift](uint32_t slot) { return slot >> shift; };
+      std::fill(group_start.begin(), group_start.end(), 0);
+      for (int i = 0; i < n_hits; ++i) ++group_start[bin_of(hits[i]) + 1];
+      for (int j = 0; j < m; ++j) group_start[j + 1] += group_start[j];
+      for (int i = 0; i < n_hits; ++i) grouped[group_start[bin_of(hits[i])]++] = hits[i];
+      for (int i = 0; i < n_hits; ++i) ++sub[grouped[i]];
+      n_hits = 0;
+    }
+
     void end_block(std::vector<uint64_t>& total) {
       flush();
-      for (size_t b = 0; b < sub.size(); ++b) {
+      if (group_hits) apply_hits();
+      for (size_t b = 0; b < sub_size; ++b) {
         if (sub[b]) {
           atomic_add(total[b], sub[b]);
           sub[b] = 0;
@@ -426,18 +639,20 @@ class RadixEngine final : public OrderStatsEngine {
     }
   };
 
-  // One refinement level: histogram the digit of `level` inside the current rank bins, then
-  // move every rank one digit down. On the last level with log sums, also the tail sums.
-  void refine(int level, bool with_logs, const std::vector<int64_t>& ranks,
-              std::vector<Bits>& prefix, std::vector<int64_t>& residual,
-              std::vector<RankResult>& out, double* log_ref) {
-    const int n_ranks = static_cast<int>(ranks.size());
-    std::vector<Bits> bins(prefix.begin(), prefix.end());
-    std::sort(bins.begin(), bins.end());
-    bins.erase(std::unique(bins.begin(), bins.end()), bins.end());
-    const int m = static_cast<int>(bins.size());
-
+  // Result of one selection pass over `bins` (ascending prefixes of the previous level).
+  struct PassResult {
+    // [m][digit_bins]: the calling thread's scratch, valid until the next pass of this thread.
+    std::vector<uint64_t>& sub_total = thread_scratch<uint64_t, 2>();
+    std::vector<uint64_t> bucket_count;  // [m + 1]: bucket j holds prefixes in (bins[j-1], bins[j])
+    std::vector<double> bucket_log, bucket_log_sq;
+    uint64_t zeros = 0, infs = 0, nans = 0;  // with count_all
     SelectConfig cfg;
+  };
+
+  void select_pass(int level, const std::vector<Bits>& bins, bool with_logs, bool count_all,
+                   PassResult& result) {
+    const int m = static_cast<int>(bins.size());
+    SelectConfig& cfg = result.cfg;
     cfg.prefix_shift = Policy::shift(level - 1);
     cfg.digit_shift = Policy::shift(level);
     cfg.digit_bins = 1 << Policy::digit_width(level);
@@ -445,6 +660,8 @@ class RadixEngine final : public OrderStatsEngine {
     cfg.prefixes = bins.data();
     cfg.m = m;
     cfg.with_logs = with_logs;
+    cfg.count_all = count_all;
+    cfg.contiguous = static_cast<uint64_t>(bins.back() - bins.front()) + 1 == static_cast<uint64_t>(m);
     cfg.lo = Bits(Bits(bins.front()) << cfg.prefix_shift);
     const Bits top_of_last_bin =
         Bits((Bits(bins.back()) << cfg.prefix_shift) | ((Bits(1) << cfg.prefix_shift) - 1));
@@ -454,7 +671,6 @@ class RadixEngine final : public OrderStatsEngine {
       const Bits ref_key = cfg.lo == 0 ? Bits(1) : cfg.lo;
       cfg.log_ref = fast_log(Policy::value_of_key(ref_key));
     }
-
     if (Policy::kWidth - cfg.prefix_shift <= 16 && m > 1 && m < (1 << 15)) {
       cfg.class_of_prefix.resize(size_t{1} << (Policy::kWidth - cfg.prefix_shift));
       int j = 0;
@@ -465,25 +681,60 @@ class RadixEngine final : public OrderStatsEngine {
       }
     }
 
-    std::vector<uint64_t> sub_total(static_cast<size_t>(m) * cfg.digit_bins, 0);
+    result.sub_total.assign(static_cast<size_t>(m) * cfg.digit_bins, 0);
     std::vector<SelectSink> sinks(max_threads());
     for (auto& s : sinks) s.cfg = &cfg;
-    run_pass(sinks, [&](SelectSink& s) { s.end_block(sub_total); });
+    run_pass(sinks, [&](SelectSink& s) { s.end_block(result.sub_total); });
 
-    // Bucket sums, merged in thread order (deterministic).
-    std::vector<double> bucket_log(m + 1, 0.0), bucket_log_sq(m + 1, 0.0);
-    if (with_logs) {
-      for (auto& s : sinks) {
-        if (s.sum_log.empty()) continue;
-        for (int r = 0; r < kInterleave; ++r) {
-          for (int b = 0; b <= m; ++b) {
-            bucket_log[b] += s.sum_log[static_cast<size_t>(r) * (m + 1) + b];
-            bucket_log_sq[b] += s.sum_log_sq[static_cast<size_t>(r) * (m + 1) + b];
-          }
+    // Per-thread partial results, merged in thread order (deterministic).
+    result.bucket_count.assign(m + 1, 0);
+    std::vector<CompensatedSum> bucket_log(m + 1), bucket_log_sq(m + 1);
+    for (auto& s : sinks) {
+      if (s.keys.empty()) continue;  // thread not used
+      result.zeros += s.zeros;
+      result.infs += s.infs;
+      result.nans += s.nans;
+      for (int b = 0; b <= m; ++b) result.bucket_count[b] += s.bucket_count[b];
+      if (!with_logs) continue;
+      for (int r = 0; r < kInterleave; ++r) {
+        for (int b = 0; b <= m; ++b) {
+          bucket_log[b].add(s.sum_log[static_cast<size_t>(r) * (m + 1) + b]);
+          bucket_log_sq[b].add(s.sum_log_sq[static_cast<size_t>(r) * (m + 1) + b]);
         }
       }
     }
+    result.bucket_log.assign(m + 1, 0.0);
+    result.bucket_log_sq.assign(m + 1, 0.0);
+    for (int b = 0; b <= m; ++b) {
+      result.bucket_log[b] = bucket_log[b].value();
+      result.bucket_log_sq[b] = bucket_log_sq[b].value();
+    }
+  }
 
+  // One refinement level: histogram the digit of `level` inside the current rank bins, then
+  // move every rank one digit down. On the last level with log sums, also the tail sums.
+  void refine(int level, bool with_logs, const std::vector<int64_t>& ranks,
+              std::vector<Bits>& prefix, std::vector<int64_t>& residual,
+              std::vector<RankResult>& out, double* log_ref) {
+    std::vector<Bits> bins(prefix.begin(), prefix.end());
+    std::sort(bins.begin(), bins.end());
+    bins.erase(std::unique(bins.begin(), bins.end()), bins.end());
+    PassResult pass;
+    select_pass(level, bins, with_logs, /*count_all=*/false, pass);
+    descend(level, bins, pass, ranks, prefix, residual, out, log_ref);
+  }
+
+  // After the pass of `level`: move each rank one digit down; on the last level, the results.
+  void descend(int level, const std::vector<Bits>& bins, const PassResult& pass,
+               const std::vector<int64_t>& ranks, std::vector<Bits>& prefix,
+               std::vector<int64_t>& residual, std::vector<RankResult>& out, double* log_ref) {
+    const int n_ranks = static_cast<int>(ranks.size());
+    const int m = static_cast<int>(bins.size());
+    const SelectConfig& cfg = pass.cfg;
+    const std::vector<uint64_t>& sub_total = pass.sub_total;
+    const std::vector<double>& bucket_log = pass.bucket_log;
+    const std::vector<double>& bucket_log_sq = pass.bucket_log_sq;
+    const bool with_logs = cfg.with_logs;
     // Move each rank one digit down.
     std::vector<int> bin_of_rank(n_ranks);
     std::vector<int> digit_of_rank(n_ranks);
@@ -534,36 +785,38 @@ class RadixEngine final : public OrderStatsEngine {
       logs.resize(values.size());
       simd::log_minus(values.data(), logs.data(), static_cast<int64_t>(values.size()),
                       cfg.log_ref);
-      double run_log = 0.0, run_log_sq = 0.0;
+      CompensatedSum run_log, run_log_sq;
       size_t next = 0;
       for (size_t e = 0; e <= digits.size(); ++e) {
         const int d = e < digits.size() ? digits[e] : -1;
         while (next < members.size() && digit_of_rank[members[next]] >= d) {
-          out[members[next]].sum_log = run_log;
-          out[members[next]].sum_log_sq = run_log_sq;
+          out[members[next]].sum_log = run_log.value();
+          out[members[next]].sum_log_sq = run_log_sq.value();
           ++next;
         }
         if (e == digits.size()) break;
         const double c = static_cast<double>(h[d]);
-        run_log += c * logs[e];
-        run_log_sq += c * logs[e] * logs[e];
+        run_log.add(c * logs[e]);
+        run_log_sq.add(c * logs[e] * logs[e]);
       }
-      full_log[j] = run_log;
-      full_log_sq[j] = run_log_sq;
+      full_log[j] = run_log.value();
+      full_log_sq[j] = run_log_sq.value();
     }
     for (int t = 0; t < n_ranks; ++t) {
       const int j = bin_of_rank[t];
-      double s1 = out[t].sum_log, s2 = out[t].sum_log_sq;
+      CompensatedSum s1, s2;
+      s1.add(out[t].sum_log);
+      s2.add(out[t].sum_log_sq);
       for (int b = j + 1; b <= m; ++b) {
-        s1 += bucket_log[b];
-        s2 += bucket_log_sq[b];
+        s1.add(bucket_log[b]);
+        s2.add(bucket_log_sq[b]);
       }
       for (int i = j + 1; i < m; ++i) {
-        s1 += full_log[i];
-        s2 += full_log_sq[i];
+        s1.add(full_log[i]);
+        s2.add(full_log_sq[i]);
       }
-      out[t].sum_log = s1;
-      out[t].sum_log_sq = s2;
+      out[t].sum_log = s1.value();
+      out[t].sum_log_sq = s2.value();
       out[t].log_value = fast_log(out[t].value) - cfg.log_ref;
     }
   }
@@ -585,20 +838,20 @@ class RadixEngine final : public OrderStatsEngine {
     std::vector<int> order(n_ranks);
     std::iota(order.begin(), order.end(), 0);
     std::sort(order.begin(), order.end(), [&](int a, int b) { return key[a] > key[b]; });
-    double run_log = 0.0, run_log_sq = 0.0;
+    CompensatedSum run_log, run_log_sq;
     int next = 0;
     for (int64_t k = Policy::kMaxValidKey; k >= lowest; --k) {
       while (next < n_ranks && key[order[next]] == k) {
-        out[order[next]].sum_log = run_log;
-        out[order[next]].sum_log_sq = run_log_sq;
+        out[order[next]].sum_log = run_log.value();
+        out[order[next]].sum_log_sq = run_log_sq.value();
         out[order[next]].log_value = fast_log(out[order[next]].value) - ref;
         ++next;
       }
       const uint64_t c = top_hist_[k];
       if (c == 0 || k == 0) continue;
       const double y = fast_log(Policy::value_of_key(static_cast<Bits>(k))) - ref;
-      run_log += static_cast<double>(c) * y;
-      run_log_sq += static_cast<double>(c) * y * y;
+      run_log.add(static_cast<double>(c) * y);
+      run_log_sq.add(static_cast<double>(c) * y * y);
     }
   }
 

@@ -31,6 +31,13 @@ struct RankResult {
   double sum_log_sq = 0.0;  // sum_{x > X(r)} (log x - log_ref)^2
 };
 
+// A rank asked for before n_eff is known: (ratio > 0 ? floor(ratio * n_eff) : k) + offset.
+struct RankRequest {
+  int64_t k = 0;
+  double ratio = 0.0;
+  int64_t offset = 0;
+};
+
 class OrderStatsEngine {
  public:
   virtual ~OrderStatsEngine() = default;
@@ -40,6 +47,13 @@ class OrderStatsEngine {
   // only) fills the sum fields; *log_ref receives the reference the sums are taken against.
   virtual void resolve(const std::vector<int64_t>& ranks, bool with_log_sums,
                        std::vector<RankResult>& out, double* log_ref) = 0;
+  // One pass instead of count() + resolve() where the format allows and a sample locates the
+  // ranks (see order_stats_cpu.cpp). Returns false when it cannot answer: then call count()
+  // and resolve(). On true, *counts is exact; results are valid only if every request's rank
+  // lies in [1, n_eff], which the caller checks before reading them.
+  virtual bool resolve_sampled(const std::vector<RankRequest>& requests, bool with_log_sums,
+                               std::vector<RankResult>& out, double* log_ref,
+                               SampleCounts* counts) = 0;
 };
 
 // views: the tensors of one sample (all of format `format`), treated as one set of values.

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "tail/compensated_sum.h"
 #include "tail/fast_log.h"
 
 #if defined(__AVX2__)
@@ -197,6 +198,59 @@ inline __m256d log_pd(__m256d v) {
 }
 #endif
 
+// select_f32_abs that also counts, over all n entries, the zero, inf and NaN keys (the sampled
+// single pass has no pass-1 histogram to take them from).
+inline int64_t select_count_f32_abs(const uint32_t* p, int64_t n, uint32_t lo, uint32_t span,
+                                    uint32_t* out, uint64_t& zeros, uint64_t& infs,
+                                    uint64_t& nans) {
+  constexpr uint32_t kAbs = 0x7fffffffu;
+  constexpr uint32_t kInf = 0x7f800000u;
+  int64_t count = 0;
+  int64_t i = 0;
+#if defined(__AVX2__)
+  const __m256i abs_mask = _mm256_set1_epi32(static_cast<int>(kAbs));
+  const __m256i lo_v = _mm256_set1_epi32(static_cast<int>(lo));
+  const __m256i span_v = _mm256_set1_epi32(static_cast<int>(span));
+  const __m256i inf_v = _mm256_set1_epi32(static_cast<int>(kInf));
+  const __m256i zero = _mm256_setzero_si256();
+  __m256i zero_count = zero, inf_count = zero, nan_count = zero;
+  // n < 2^31 per call (the engine calls with at most a buffer's worth), so lanes cannot wrap.
+  for (; i + 8 <= n; i += 8) {
+    const __m256i keys =
+        _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i)), abs_mask);
+    zero_count = _mm256_sub_epi32(zero_count, _mm256_cmpeq_epi32(keys, zero));
+    inf_count = _mm256_sub_epi32(inf_count, _mm256_cmpeq_epi32(keys, inf_v));
+    nan_count = _mm256_sub_epi32(nan_count, _mm256_cmpgt_epi32(keys, inf_v));
+    const __m256i offset = _mm256_sub_epi32(keys, lo_v);
+    const __m256i in_range = _mm256_cmpeq_epi32(_mm256_max_epu32(offset, span_v), span_v);
+    const int mask = _mm256_movemask_ps(_mm256_castsi256_ps(in_range));
+    const __m256i perm =
+        _mm256_load_si256(reinterpret_cast<const __m256i*>(kLeftPack.index[mask]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + count),
+                        _mm256_permutevar8x32_epi32(keys, perm));
+    count += __builtin_popcount(static_cast<unsigned>(mask));
+  }
+  alignas(32) uint32_t z[8], f[8], q[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(z), zero_count);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(f), inf_count);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(q), nan_count);
+  for (int l = 0; l < 8; ++l) {
+    zeros += z[l];
+    infs += f[l];
+    nans += q[l];
+  }
+#endif
+  for (; i < n; ++i) {
+    const uint32_t key = p[i] & kAbs;
+    zeros += key == 0;
+    infs += key == kInf;
+    nans += key > kInf;
+    out[count] = key;
+    count += (key - lo) <= span;
+  }
+  return count;
+}
+
 // y[i] = log(x[i]) - ref for positive finite x (subnormals included), n >= 0.
 inline void log_minus(const double* x, double* y, int64_t n, double ref) {
   int64_t i = 0;
@@ -209,17 +263,37 @@ inline void log_minus(const double* x, double* y, int64_t n, double ref) {
   for (; i < n; ++i) y[i] = fast_log(x[i]) - ref;
 }
 
-// For float32 |x| keys: adds to sums[lane] / sums_sq[lane] (4 lanes) y = log(x) - ref and y^2
-// over the keys whose prefix (key >> shift) is above `prefix`; the others are skipped.
+// For float32 |x| keys: adds y = log(x) - ref and y^2, over the keys whose prefix
+// (key >> shift) is above `prefix`, to four compensated lane sums (sums[lane], sums_sq[lane]);
+// the other keys are skipped.
 inline void sum_log_f32_above(const uint32_t* keys, int64_t n, uint32_t prefix, int shift,
-                              double ref, double* sums, double* sums_sq) {
+                              double ref, CompensatedSum* sums, CompensatedSum* sums_sq) {
   int64_t i = 0;
 #if defined(__AVX2__)
   const __m256d ref_v = _mm256_set1_pd(ref);
   const __m128i prefix_v = _mm_set1_epi32(static_cast<int>(prefix));
   const __m128i shift_v = _mm_cvtsi32_si128(shift);
-  __m256d acc = _mm256_loadu_pd(sums);
-  __m256d acc_sq = _mm256_loadu_pd(sums_sq);
+  const __m256d sign = _mm256_set1_pd(-0.0);
+  alignas(32) double lane[4][4];
+  for (int l = 0; l < 4; ++l) {
+    lane[0][l] = sums[l].sum;
+    lane[1][l] = sums[l].comp;
+    lane[2][l] = sums_sq[l].sum;
+    lane[3][l] = sums_sq[l].comp;
+  }
+  __m256d acc = _mm256_load_pd(lane[0]), comp = _mm256_load_pd(lane[1]);
+  __m256d acc_sq = _mm256_load_pd(lane[2]), comp_sq = _mm256_load_pd(lane[3]);
+  // Neumaier step on four lanes: the error of acc + y is recovered exactly (Fast2Sum on the
+  // larger magnitude first).
+  auto add = [&](__m256d& a, __m256d& c, __m256d y) {
+    const __m256d t = _mm256_add_pd(a, y);
+    const __m256d a_big = _mm256_cmp_pd(_mm256_andnot_pd(sign, a), _mm256_andnot_pd(sign, y),
+                                        _CMP_GE_OQ);
+    const __m256d big = _mm256_blendv_pd(y, a, a_big);
+    const __m256d small = _mm256_blendv_pd(a, y, a_big);
+    c = _mm256_add_pd(c, _mm256_add_pd(_mm256_sub_pd(big, t), small));
+    a = t;
+  };
   for (; i + 4 <= n; i += 4) {
     const __m128i k = _mm_loadu_si128(reinterpret_cast<const __m128i*>(keys + i));
     // Prefixes of finite keys are below 2^16, so the signed compare is exact.
@@ -227,19 +301,25 @@ inline void sum_log_f32_above(const uint32_t* keys, int64_t n, uint32_t prefix, 
     const __m256d keep = _mm256_castsi256_pd(_mm256_cvtepi32_epi64(above));
     const __m256d y = _mm256_and_pd(
         _mm256_sub_pd(log_pd(_mm256_cvtps_pd(_mm_castsi128_ps(k))), ref_v), keep);
-    acc = _mm256_add_pd(acc, y);
-    acc_sq = _mm256_fmadd_pd(y, y, acc_sq);
+    add(acc, comp, y);
+    add(acc_sq, comp_sq, _mm256_mul_pd(y, y));
   }
-  _mm256_storeu_pd(sums, acc);
-  _mm256_storeu_pd(sums_sq, acc_sq);
+  _mm256_store_pd(lane[0], acc);
+  _mm256_store_pd(lane[1], comp);
+  _mm256_store_pd(lane[2], acc_sq);
+  _mm256_store_pd(lane[3], comp_sq);
+  for (int l = 0; l < 4; ++l) {
+    sums[l] = {lane[0][l], lane[1][l]};
+    sums_sq[l] = {lane[2][l], lane[3][l]};
+  }
 #endif
   for (; i < n; ++i) {
     if ((keys[i] >> shift) <= prefix) continue;
     float f;
     std::memcpy(&f, &keys[i], sizeof f);
     const double y = fast_log(f) - ref;
-    sums[i & 3] += y;
-    sums_sq[i & 3] += y * y;
+    sums[i & 3].add(y);
+    sums_sq[i & 3].add(y * y);
   }
 }
 

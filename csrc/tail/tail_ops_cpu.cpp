@@ -54,6 +54,16 @@ void write_counts(const SampleCounts& c, int64_t* out) {
   out[3] = c.n_inf;
 }
 
+void write_row(const TailRow& row, double* out) {
+  out[0] = row.k;
+  out[1] = row.x_k1;
+  out[2] = row.x_k;
+  out[3] = row.s1;
+  out[4] = row.s2;
+  out[5] = row.h1;
+  out[6] = row.h2;
+}
+
 // Runs the engine over one sample and writes one row per k into rows ([n_k, kTailRowWidth]).
 void tail_rows_for_sample(at::TensorList xs, at::IntArrayRef ks, at::ArrayRef<double> k_ratios,
                           double* rows, int64_t* counts_out, const std::string& where) {
@@ -61,10 +71,36 @@ void tail_rows_for_sample(at::TensorList xs, at::IntArrayRef ks, at::ArrayRef<do
   const std::vector<StridedView> views = strided_views_of(xs);
   auto engine = make_order_stats_cpu(format, /*absolute=*/true, views.data(),
                                      static_cast<int64_t>(views.size()));
+  if (ks.empty() && k_ratios.empty()) {
+    write_counts(engine->count(), counts_out);
+    return;
+  }
+  // Ranks k and k+1 of every row: X(k+1) and the sums above it, and X(k).
+  std::vector<RankRequest> requests;
+  for (int64_t k : ks) {
+    requests.push_back({k, 0.0, 0});
+    requests.push_back({k, 0.0, 1});
+  }
+  for (double r : k_ratios) {
+    requests.push_back({0, r, 0});
+    requests.push_back({0, r, 1});
+  }
+  std::vector<RankResult> sampled;
+  double sampled_ref = 0.0;
+  SampleCounts sampled_counts;
+  if (engine->resolve_sampled(requests, /*with_log_sums=*/true, sampled, &sampled_ref,
+                              &sampled_counts)) {
+    write_counts(sampled_counts, counts_out);
+    const std::vector<int64_t> all_ks = plan_ks(ks, k_ratios, sampled_counts, where);
+    for (size_t i = 0; i < all_ks.size(); ++i) {
+      write_row(tail_row(all_ks[i], sampled[2 * i], sampled[2 * i + 1], sampled_ref),
+                rows + i * kTailRowWidth);
+    }
+    return;
+  }
   const SampleCounts& counts = engine->count();
   write_counts(counts, counts_out);
   const std::vector<int64_t> all_ks = plan_ks(ks, k_ratios, counts, where);
-  if (all_ks.empty()) return;
   std::vector<int64_t> ranks;
   for (int64_t k : all_ks) {
     ranks.push_back(k);
@@ -79,16 +115,8 @@ void tail_rows_for_sample(at::TensorList xs, at::IntArrayRef ks, at::ArrayRef<do
     return results[std::lower_bound(ranks.begin(), ranks.end(), r) - ranks.begin()];
   };
   for (size_t i = 0; i < all_ks.size(); ++i) {
-    const TailRow row = tail_row(all_ks[i], result_of(all_ks[i]), result_of(all_ks[i] + 1),
-                                 log_ref);
-    double* out = rows + i * kTailRowWidth;
-    out[0] = row.k;
-    out[1] = row.x_k1;
-    out[2] = row.x_k;
-    out[3] = row.s1;
-    out[4] = row.s2;
-    out[5] = row.h1;
-    out[6] = row.h2;
+    write_row(tail_row(all_ks[i], result_of(all_ks[i]), result_of(all_ks[i] + 1), log_ref),
+              rows + i * kTailRowWidth);
   }
 }
 
