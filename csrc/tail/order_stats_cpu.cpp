@@ -587,14 +587,39 @@ class RadixEngine final : public OrderStatsEngine {
       const SelectConfig& c = *cfg;
       const Bits first = c.prefixes[0];
       const Bits last = c.prefixes[c.m - 1];
+      // Locals, so that the increments through `sub` cannot alias the loop's bounds and
+      // parameters (otherwise reloaded from memory after every increment).
+      const int n = n_keys;
+      const int prefix_shift = c.prefix_shift;
+      const int digit_bits = Policy::digit_width(kLevels - 1);
+      const Bits digit_mask = c.digit_mask;
+      const Bits* __restrict key_ptr = keys.data();
+      uint32_t* __restrict hist = sub;
       uint64_t above = 0;
-      for (int i = 0; i < n_keys; ++i) {
-        const Bits key = keys[i];
-        const Bits p = Bits(key >> c.prefix_shift);
-        if (p <= last) {
-          ++sub[static_cast<size_t>(p - first) * c.digit_bins + ((key >> c.digit_shift) & c.digit_mask)];
-        } else {
-          ++above;
+      if (group_hits) {
+        if (n_hits + n > kHitBuffer) apply_hits();
+        uint32_t* __restrict pending = hits.data();
+        int n_pending = n_hits;
+        for (int i = 0; i < n; ++i) {
+          const Bits key = key_ptr[i];
+          const Bits p = Bits(key >> prefix_shift);
+          if (p <= last) {
+            pending[n_pending++] =
+                (static_cast<uint32_t>(p - first) << digit_bits) + (key & digit_mask);
+          } else {
+            ++above;
+          }
+        }
+        n_hits = n_pending;
+      } else {
+        for (int i = 0; i < n; ++i) {
+          const Bits key = key_ptr[i];
+          const Bits p = Bits(key >> prefix_shift);
+          if (p <= last) {
+            ++hist[(static_cast<size_t>(p - first) << digit_bits) + (key & digit_mask)];
+          } else {
+            ++above;
+          }
         }
       }
       bucket_count[c.m] += above;
