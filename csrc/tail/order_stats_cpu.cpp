@@ -133,25 +133,9 @@ class RadixEngine final : public OrderStatsEngine {
     out.assign(n_ranks, RankResult{});
     if (n_ranks == 0) return;
 
-    // Rank walk over the top digit, ranks in ascending order (bins descending).
-    std::vector<int> order(n_ranks);
-    std::iota(order.begin(), order.end(), 0);
-    std::sort(order.begin(), order.end(), [&](int a, int b) { return ranks[a] < ranks[b]; });
     std::vector<Bits> prefix(n_ranks);
     std::vector<int64_t> residual(n_ranks);
-    {
-      int64_t bin = static_cast<int64_t>(Policy::kMaxValidKey >> kTopShift);
-      int64_t above = 0;
-      for (int idx : order) {
-        const int64_t r = ranks[idx];
-        while (bin > 0 && above + static_cast<int64_t>(top_hist_[bin]) < r) {
-          above += static_cast<int64_t>(top_hist_[bin]);
-          --bin;
-        }
-        prefix[idx] = static_cast<Bits>(bin);
-        residual[idx] = r - above;
-      }
-    }
+    walk_top(ranks, prefix, residual);
 
     if constexpr (kLevels == 1) {
       finish_single_level(ranks, prefix, residual, with_log_sums, out, log_ref);
@@ -172,55 +156,21 @@ class RadixEngine final : public OrderStatsEngine {
   bool resolve_sampled(const std::vector<RankRequest>& requests, bool with_log_sums,
                        std::vector<RankResult>& out, double* log_ref,
                        SampleCounts* counts) override {
-    if constexpr (!(Policy::kAbs && kLevels == 2)) {
+    if constexpr (!Policy::kAbs) {
+      return false;
+    } else if constexpr (kLevels == 1) {
+      return resolve_sampled_single_level(requests, with_log_sums, out, log_ref, counts);
+    } else if constexpr (kLevels != 2) {
       return false;
     } else {
-      if (total_ < kSampledMinEntries || requests.empty()) return false;
-      // Sample: kSampleBlocks blocks of kSampleBlock entries, evenly spread.
-      const int64_t n_blocks = std::min<int64_t>(kSampleBlocks, total_ / (16 * kSampleBlock));
-      if (n_blocks < 16) return false;
-      CountSink sample;
-      sample.init();
-      std::vector<uint64_t> sample_hist(kTopBins, 0);
-      for (int64_t b = 0; b < n_blocks; ++b) {
-        const int64_t begin = static_cast<int64_t>(
-            (static_cast<__int128>(b) * (total_ - kSampleBlock)) / (n_blocks - 1));
-        consume_range(sample, begin, begin + kSampleBlock);
-      }
-      sample.end_block(sample_hist);
-      const double s = static_cast<double>(n_blocks * kSampleBlock);
-      uint64_t s_nonfinite = 0;
-      for (uint64_t b = uint64_t(Traits::kInf) >> kTopShift; b < uint64_t(kTopBins); ++b) {
-        s_nonfinite += sample_hist[b];
-      }
-      const double s_eff = s - static_cast<double>(sample.zeros + s_nonfinite);
-      if (s_eff < 1024) return false;
-      const double n = static_cast<double>(total_);
-      const double valid_fraction = s_eff / s;
-
-      // Window of top bins for each request, from the sample's descending cumulative counts.
-      const int64_t top_valid_bin = static_cast<int64_t>(Policy::kMaxValidKey >> kTopShift);
-      auto bin_of_sample_rank = [&](double rank) -> int64_t {
-        if (rank > s_eff) return 0;
-        double above = 0;
-        for (int64_t b = top_valid_bin; b > 0; --b) {
-          above += static_cast<double>(sample_hist[b]);
-          if (above >= rank) return b;
-        }
-        return 0;
-      };
+      SampleWindows windows;
+      if (!sample_windows(requests, /*need_upper=*/true, windows)) return false;
       std::vector<Bits> bins;
-      for (const RankRequest& q : requests) {
-        const double rank = (q.ratio > 0 ? q.ratio * n * valid_fraction
-                                         : static_cast<double>(q.k)) + static_cast<double>(q.offset);
-        const double p = std::clamp(rank / n, 0.0, 1.0);
-        double spread = 6.0 * std::sqrt(s * p * (1.0 - p)) + 16.0;
-        if (q.ratio > 0) spread += 6.0 * q.ratio * std::sqrt(s * valid_fraction * (1 - valid_fraction));
-        const double sample_rank = rank * s / n;
-        const int64_t hi_bin = bin_of_sample_rank(std::max(1.0, sample_rank - spread));
-        const int64_t lo_bin = bin_of_sample_rank(sample_rank + spread);
-        if (hi_bin - lo_bin > kMaxWindowBins) return false;
-        for (int64_t b = lo_bin; b <= hi_bin; ++b) bins.push_back(static_cast<Bits>(b));
+      for (size_t t = 0; t < requests.size(); ++t) {
+        if (windows.hi_bin[t] - windows.lo_bin[t] > kMaxWindowBins) return false;
+        for (int64_t b = windows.lo_bin[t]; b <= windows.hi_bin[t]; ++b) {
+          bins.push_back(static_cast<Bits>(b));
+        }
       }
       std::sort(bins.begin(), bins.end());
       bins.erase(std::unique(bins.begin(), bins.end()), bins.end());
@@ -273,6 +223,183 @@ class RadixEngine final : public OrderStatsEngine {
   }
 
  private:
+  // Rank walk over the top-digit histogram (bins descending): the bin of each rank and its
+  // rank inside the bin. Returns the lowest bin it had to look at.
+  int64_t walk_top(const std::vector<int64_t>& ranks, std::vector<Bits>& prefix,
+                   std::vector<int64_t>& residual) const {
+    const int n_ranks = static_cast<int>(ranks.size());
+    std::vector<int> order(n_ranks);
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(), [&](int a, int b) { return ranks[a] < ranks[b]; });
+    int64_t bin = static_cast<int64_t>(Policy::kMaxValidKey >> kTopShift);
+    int64_t above = 0;
+    for (int idx : order) {
+      const int64_t r = ranks[idx];
+      while (bin > 0 && above + static_cast<int64_t>(top_hist_[bin]) < r) {
+        above += static_cast<int64_t>(top_hist_[bin]);
+        --bin;
+      }
+      prefix[idx] = static_cast<Bits>(bin);
+      residual[idx] = r - above;
+    }
+    return bin;
+  }
+
+  // Sampling shared by the single-pass paths: the top-digit histogram of kSampleBlocks evenly
+  // spread blocks, and for each request the bin window that holds its rank with probability
+  // 1 - 1e-9 (6 binomial standard deviations). Returns false if the sample cannot place them.
+  struct SampleWindows {
+    std::vector<int64_t> lo_bin, hi_bin;  // per request, inclusive
+  };
+  bool sample_windows(const std::vector<RankRequest>& requests, bool need_upper,
+                      SampleWindows& windows) {
+    if (total_ < kSampledMinEntries || requests.empty()) return false;
+    const int64_t n_blocks = std::min<int64_t>(kSampleBlocks, total_ / (16 * kSampleBlock));
+    if (n_blocks < 16) return false;
+    CountSink sample;
+    sample.init();
+    std::vector<uint64_t> sample_hist(kTopBins, 0);
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const int64_t begin = static_cast<int64_t>(
+          (static_cast<__int128>(b) * (total_ - kSampleBlock)) / (n_blocks - 1));
+      consume_range(sample, begin, begin + kSampleBlock);
+    }
+    sample.end_block(sample_hist);
+    const double s = static_cast<double>(n_blocks * kSampleBlock);
+    uint64_t s_nonfinite = 0;
+    for (uint64_t b = uint64_t(Traits::kInf) >> kTopShift; b < uint64_t(kTopBins); ++b) {
+      s_nonfinite += sample_hist[b];
+    }
+    const uint64_t s_zero = kLevels == 1 ? sample_hist[0] : sample.zeros;
+    const double s_eff = s - static_cast<double>(s_zero + s_nonfinite);
+    if (s_eff < 1024) return false;
+    const double n = static_cast<double>(total_);
+    const double valid_fraction = s_eff / s;
+    const int64_t top_valid_bin = static_cast<int64_t>(Policy::kMaxValidKey >> kTopShift);
+    auto bin_of_sample_rank = [&](double rank) -> int64_t {
+      if (rank > s_eff) return -1;
+      double above = 0;
+      for (int64_t b = top_valid_bin; b > 0; --b) {
+        above += static_cast<double>(sample_hist[b]);
+        if (above >= rank) return b;
+      }
+      return 0;
+    };
+    for (const RankRequest& q : requests) {
+      const double rank = (q.ratio > 0 ? q.ratio * n * valid_fraction
+                                       : static_cast<double>(q.k)) + static_cast<double>(q.offset);
+      const double p = std::clamp(rank / n, 0.0, 1.0);
+      double spread = 6.0 * std::sqrt(s * p * (1.0 - p)) + 16.0;
+      if (q.ratio > 0) spread += 6.0 * q.ratio * std::sqrt(s * valid_fraction * (1 - valid_fraction));
+      const double sample_rank = rank * s / n;
+      // The top of a window must lie inside the sample: a rank the sample cannot bound from
+      // above (the largest few entries) is left to the exact path.
+      if (need_upper && sample_rank - spread < 1.0) return false;
+      const int64_t lo_bin = bin_of_sample_rank(sample_rank + spread);
+      if (lo_bin < 0) return false;
+      windows.lo_bin.push_back(lo_bin);
+      windows.hi_bin.push_back(need_upper ? bin_of_sample_rank(sample_rank - spread)
+                                          : top_valid_bin);
+    }
+    return true;
+  }
+
+  // Single-level formats (16-bit floats): one pass that histograms only the keys at or above
+  // the lowest window (every key there is exact) and counts zero/inf/NaN over all entries.
+  bool resolve_sampled_single_level(const std::vector<RankRequest>& requests,
+                                    bool with_log_sums, std::vector<RankResult>& out,
+                                    double* log_ref, SampleCounts* counts) {
+    SampleWindows windows;
+    if (!sample_windows(requests, /*need_upper=*/false, windows)) return false;
+    const Bits lo = static_cast<Bits>(
+        *std::min_element(windows.lo_bin.begin(), windows.lo_bin.end()));
+    if (lo <= 1) return false;  // the whole range: the counting pass is as fast
+    top_hist_.assign(kTopBins, 0);
+    std::vector<TailCountSink> sinks(max_threads());
+    for (auto& s : sinks) s.lo = lo;
+    run_pass(sinks, [&](TailCountSink& s) { s.end_block(top_hist_); });
+    uint64_t zeros = 0, infs = 0, nans = 0;
+    for (auto& s : sinks) {
+      zeros += s.zeros;
+      infs += s.infs;
+      nans += s.nans;
+    }
+    counts_.n_zero = static_cast<int64_t>(zeros);
+    counts_.n_inf = static_cast<int64_t>(infs);
+    counts_.n_nan = static_cast<int64_t>(nans);
+    counts_.n_eff = total_ - counts_.n_zero - counts_.n_inf - counts_.n_nan;
+    *counts = counts_;
+    std::vector<int64_t> ranks(requests.size());
+    for (size_t t = 0; t < requests.size(); ++t) {
+      const RankRequest& q = requests[t];
+      ranks[t] = (q.ratio > 0 ? static_cast<int64_t>(std::floor(q.ratio * counts_.n_eff)) : q.k) +
+                 q.offset;
+      if (ranks[t] < 1 || ranks[t] > counts_.n_eff) return true;  // caller raises
+    }
+    std::vector<Bits> key(requests.size());
+    std::vector<int64_t> residual(requests.size());
+    walk_top(ranks, key, residual);
+    for (size_t t = 0; t < requests.size(); ++t) {
+      // A rank below lo, or on lo itself with more entries of lo below it than were counted:
+      // the histogram is exact only from lo up.
+      if (key[t] < lo || residual[t] > static_cast<int64_t>(top_hist_[key[t]])) return false;
+    }
+    out.assign(requests.size(), RankResult{});
+    finish_single_level(ranks, key, residual, with_log_sums, out, log_ref);
+    counted_ = false;  // top_hist_ holds only keys >= lo
+    return true;
+  }
+
+  // Pass sink of the single-level sampled path.
+  struct TailCountSink {
+    Bits lo = 0;
+    uint32_t* hist = nullptr;  // [2][kTopBins], this thread's scratch
+    std::vector<uint32_t> keys;
+    uint64_t zeros = 0, infs = 0, nans = 0;
+    void init() {
+      auto& store = thread_scratch<uint32_t, 3>();
+      store.assign(2 * kTopBins, 0);
+      hist = store.data();
+      keys.assign(kBuffer + 16, 0);
+    }
+    void consume(const Bits* p, int64_t n, int64_t stride) {
+      if constexpr (sizeof(Bits) == 2) {
+        if (stride == 1) {
+          for (int64_t i = 0; i < n; i += kBuffer) {
+            const int64_t take = std::min<int64_t>(n - i, kBuffer);
+            const int64_t c = simd::select_count_u16_abs(p + i, take, lo, Traits::kInf,
+                                                         keys.data(), zeros, infs, nans);
+            add_keys(c);
+          }
+          return;
+        }
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const Bits key = Policy::key(p[i * stride]);
+        zeros += key == 0;
+        infs += key == Traits::kInf;
+        nans += key > Traits::kInf;
+        if (key >= lo && key < Traits::kInf) ++hist[key];
+      }
+    }
+    void add_keys(int64_t c) {
+      const uint32_t* k = keys.data();
+      int64_t j = 0;
+      for (; j + 2 <= c; j += 2) {
+        ++hist[k[j]];
+        ++hist[kTopBins + k[j + 1]];
+      }
+      if (j < c) ++hist[k[j]];
+    }
+    void end_block(std::vector<uint64_t>& total) {
+      for (int b = 0; b < kTopBins; ++b) {
+        const uint64_t c = uint64_t{hist[b]} + hist[kTopBins + b];
+        hist[b] = hist[kTopBins + b] = 0;
+        if (c) atomic_add(total[b], c);
+      }
+    }
+  };
+
   static constexpr int64_t kSampledMinEntries = int64_t{1} << 22;
   static constexpr int64_t kSampleBlock = 4096;
   static constexpr int64_t kSampleBlocks = 256;  // 2^20 sampled entries at most
@@ -578,8 +705,8 @@ class RadixEngine final : public OrderStatsEngine {
       const int stride = c.m + 1;
       for (int i = 0; i < n_values; ++i) {
         const size_t slot = static_cast<size_t>(i & (kInterleave - 1)) * stride + buckets[i];
-        sum_log[slot].add(y[i]);
-        sum_log_sq[slot].add(y[i] * y[i]);
+        sum_log[slot].add_nonnegative(y[i]);
+        sum_log_sq[slot].add_nonnegative(y[i] * y[i]);
       }
     }
 
@@ -691,7 +818,7 @@ class RadixEngine final : public OrderStatsEngine {
     const Bits top_of_last_bin =
         Bits((Bits(bins.back()) << cfg.prefix_shift) | ((Bits(1) << cfg.prefix_shift) - 1));
     // With log sums every finite entry above the lowest bin is a candidate.
-    cfg.hi = with_logs ? Policy::kMaxValidKey : top_of_last_bin;
+    cfg.hi = (with_logs || count_all) ? Policy::kMaxValidKey : top_of_last_bin;
     if (with_logs) {
       const Bits ref_key = cfg.lo == 0 ? Bits(1) : cfg.lo;
       cfg.log_ref = fast_log(Policy::value_of_key(ref_key));

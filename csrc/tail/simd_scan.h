@@ -251,6 +251,64 @@ inline int64_t select_count_f32_abs(const uint32_t* p, int64_t n, uint32_t lo, u
   return count;
 }
 
+// For contiguous 16-bit floats: appends to out (as 32-bit values) the |x| keys with
+// lo <= key < inf_key, returns how many, and counts zero, inf and NaN keys over all n entries.
+// out needs room for n + 16 keys; n < 2^16 per call (16-bit lane counters).
+inline int64_t select_count_u16_abs(const uint16_t* p, int64_t n, uint16_t lo, uint16_t inf_key,
+                                    uint32_t* out, uint64_t& zeros, uint64_t& infs,
+                                    uint64_t& nans) {
+  int64_t count = 0;
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__BMI2__)
+  const __m256i abs_mask = _mm256_set1_epi16(0x7fff);
+  const __m256i below_lo = _mm256_set1_epi16(static_cast<int16_t>(lo - 1));
+  const __m256i inf_v = _mm256_set1_epi16(static_cast<int16_t>(inf_key));
+  const __m256i zero = _mm256_setzero_si256();
+  __m256i zero_count = zero, inf_count = zero, nan_count = zero;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i keys =
+        _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i)), abs_mask);
+    zero_count = _mm256_sub_epi16(zero_count, _mm256_cmpeq_epi16(keys, zero));
+    inf_count = _mm256_sub_epi16(inf_count, _mm256_cmpeq_epi16(keys, inf_v));
+    nan_count = _mm256_sub_epi16(nan_count, _mm256_cmpgt_epi16(keys, inf_v));
+    // Keys are below 2^15, so signed 16-bit compares are exact.
+    const __m256i in_range = _mm256_and_si256(_mm256_cmpgt_epi16(keys, below_lo),
+                                              _mm256_cmpgt_epi16(inf_v, keys));
+    const uint32_t byte_mask = static_cast<uint32_t>(_mm256_movemask_epi8(in_range));
+    const uint32_t lane_mask = _pext_u32(byte_mask, 0x55555555u);  // one bit per 16-bit lane
+    const __m256i low = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(keys));
+    const __m256i high = _mm256_cvtepu16_epi32(_mm256_extracti128_si256(keys, 1));
+    const unsigned m0 = lane_mask & 0xff, m1 = lane_mask >> 8;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + count),
+                        _mm256_permutevar8x32_epi32(low, _mm256_load_si256(
+                            reinterpret_cast<const __m256i*>(kLeftPack.index[m0]))));
+    count += __builtin_popcount(m0);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + count),
+                        _mm256_permutevar8x32_epi32(high, _mm256_load_si256(
+                            reinterpret_cast<const __m256i*>(kLeftPack.index[m1]))));
+    count += __builtin_popcount(m1);
+  }
+  alignas(32) uint16_t z[16], f[16], q[16];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(z), zero_count);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(f), inf_count);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(q), nan_count);
+  for (int l = 0; l < 16; ++l) {
+    zeros += z[l];
+    infs += f[l];
+    nans += q[l];
+  }
+#endif
+  for (; i < n; ++i) {
+    const uint32_t key = p[i] & 0x7fffu;
+    zeros += key == 0;
+    infs += key == inf_key;
+    nans += key > inf_key;
+    out[count] = key;
+    count += key >= lo && key < inf_key;
+  }
+  return count;
+}
+
 // y[i] = log(x[i]) - ref for positive finite x (subnormals included), n >= 0.
 inline void log_minus(const double* x, double* y, int64_t n, double ref) {
   int64_t i = 0;
