@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-n", type=float, default=1e9)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
-    parser.add_argument("--out", default="bench_tail_cpu")
+    parser.add_argument("--out", default="bench_tail_cpu", help="JSON file name (no suffix)")
+    parser.add_argument("--out-dir", default=None, help="directory for the JSON (bench/results)")
     args = parser.parse_args(argv)
 
     rows: list[dict[str, object]] = []
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"\npeak extra memory measurement failed: {memory['error']}")
     path = harness.write_json(args.out, {"machine": harness.machine_info("cpu"), "rows": rows,
-                                         "peak_extra_memory": memory})
+                                         "peak_extra_memory": memory}, args.out_dir)
     print(f"\nwrote {path}")
     return 0
 

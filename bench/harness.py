@@ -84,9 +84,10 @@ def machine_info(device: str = "cpu") -> dict[str, object]:
     return info
 
 
-def write_json(name: str, payload: dict[str, object]) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
+def write_json(name: str, payload: dict[str, object], directory: Path | None = None) -> Path:
+    directory = RESULTS_DIR if directory is None else Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     return path
 

@@ -1,0 +1,24 @@
+"""The benchmark script runs end to end (tiny sizes) and writes its JSON: it cannot rot."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_tail.py"
+
+
+def test_bench_tail_smoke(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(BENCH), "--sizes", "2e5", "--quick", "--memory-n", "1e6",
+         "--out", "smoke", "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    payload = json.loads((tmp_path / "smoke.json").read_text())
+    names = {r["name"] for r in payload["rows"]}
+    assert "gradience hill (k=n/10)" in names and "np.partition Hill" in names
+    hill = [r for r in payload["rows"] if r["name"] == "np.partition Hill"]
+    assert all(r["alpha_rel_diff"] < 1e-9 for r in hill)
+    assert payload["peak_extra_memory"]["extra_mib"] < 64
+    assert payload["machine"]["torch"]
