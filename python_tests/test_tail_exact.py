@@ -148,3 +148,7 @@ def test_sampled_single_pass_is_exact(case, dtype):
         assert_rows_match(rows, counts, x, ks)
     rows, counts = gk.tail_stats(x, [], [0.05])
     assert_rows_match(rows, counts, x, [int(0.05 * n_eff)])
+    # Many ranks (a log-spaced Hill plot): the two-pass path with a sampled lower bound.
+    ks = sorted({int(v) for v in np.geomspace(1, n_eff // 5, 40)})
+    rows, counts = gk.tail_stats(x, ks)
+    assert_rows_match(rows, counts, x, ks)

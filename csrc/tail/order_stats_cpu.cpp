@@ -164,17 +164,23 @@ class RadixEngine final : public OrderStatsEngine {
       return false;
     } else {
       SampleWindows windows;
-      if (!sample_windows(requests, /*need_upper=*/true, windows)) return false;
+      if (!sample_windows(requests, windows)) return false;
       std::vector<Bits> bins;
-      for (size_t t = 0; t < requests.size(); ++t) {
-        if (windows.hi_bin[t] - windows.lo_bin[t] > kMaxWindowBins) return false;
-        for (int64_t b = windows.lo_bin[t]; b <= windows.hi_bin[t]; ++b) {
+      bool narrow = true;
+      for (size_t t = 0; t < requests.size() && narrow; ++t) {
+        narrow = windows.hi_bin[t] != kNoUpperBound &&
+                 windows.hi_bin[t] - windows.lo_bin[t] <= kMaxWindowBins;
+        for (int64_t b = windows.lo_bin[t]; narrow && b <= windows.hi_bin[t]; ++b) {
           bins.push_back(static_cast<Bits>(b));
         }
       }
       std::sort(bins.begin(), bins.end());
       bins.erase(std::unique(bins.begin(), bins.end()), bins.end());
-      if (static_cast<int64_t>(bins.size()) > kMaxSampledBins) return false;
+      if (!narrow || static_cast<int64_t>(bins.size()) > kMaxSampledBins) {
+        // Many ranks, or ranks above the sample's reach: two passes, the first restricted to
+        // the keys above the lowest window.
+        return resolve_sampled_two_pass(requests, windows, with_log_sums, out, log_ref, counts);
+      }
 
       PassResult pass;
       select_pass(1, bins, with_log_sums, /*count_all=*/true, pass);
@@ -249,10 +255,11 @@ class RadixEngine final : public OrderStatsEngine {
   // spread blocks, and for each request the bin window that holds its rank with probability
   // 1 - 1e-9 (6 binomial standard deviations). Returns false if the sample cannot place them.
   struct SampleWindows {
-    std::vector<int64_t> lo_bin, hi_bin;  // per request, inclusive
+    // Per request, inclusive; hi_bin is kNoUpperBound for ranks above the sample's reach (its
+    // largest few entries), which only the two-pass path can take.
+    std::vector<int64_t> lo_bin, hi_bin;
   };
-  bool sample_windows(const std::vector<RankRequest>& requests, bool need_upper,
-                      SampleWindows& windows) {
+  bool sample_windows(const std::vector<RankRequest>& requests, SampleWindows& windows) {
     if (total_ < kSampledMinEntries || requests.empty()) return false;
     const int64_t n_blocks = std::min<int64_t>(kSampleBlocks, total_ / (16 * kSampleBlock));
     if (n_blocks < 16) return false;
@@ -276,14 +283,18 @@ class RadixEngine final : public OrderStatsEngine {
     const double n = static_cast<double>(total_);
     const double valid_fraction = s_eff / s;
     const int64_t top_valid_bin = static_cast<int64_t>(Policy::kMaxValidKey >> kTopShift);
+    // cumulative[i] = sampled valid entries in bins top_valid_bin - i and above.
+    std::vector<double> cumulative(top_valid_bin + 1);
+    double running = 0;
+    for (int64_t i = 0; i <= top_valid_bin; ++i) {
+      running += static_cast<double>(sample_hist[top_valid_bin - i]);
+      cumulative[i] = running;
+    }
     auto bin_of_sample_rank = [&](double rank) -> int64_t {
       if (rank > s_eff) return -1;
-      double above = 0;
-      for (int64_t b = top_valid_bin; b > 0; --b) {
-        above += static_cast<double>(sample_hist[b]);
-        if (above >= rank) return b;
-      }
-      return 0;
+      const auto it = std::lower_bound(cumulative.begin(), cumulative.end(), rank);
+      if (it == cumulative.end()) return 0;
+      return std::max<int64_t>(0, top_valid_bin - (it - cumulative.begin()));
     };
     for (const RankRequest& q : requests) {
       const double rank = (q.ratio > 0 ? q.ratio * n * valid_fraction
@@ -294,12 +305,11 @@ class RadixEngine final : public OrderStatsEngine {
       const double sample_rank = rank * s / n;
       // The top of a window must lie inside the sample: a rank the sample cannot bound from
       // above (the largest few entries) is left to the exact path.
-      if (need_upper && sample_rank - spread < 1.0) return false;
       const int64_t lo_bin = bin_of_sample_rank(sample_rank + spread);
       if (lo_bin < 0) return false;
       windows.lo_bin.push_back(lo_bin);
-      windows.hi_bin.push_back(need_upper ? bin_of_sample_rank(sample_rank - spread)
-                                          : top_valid_bin);
+      windows.hi_bin.push_back(sample_rank - spread < 1.0 ? kNoUpperBound
+                                                          : bin_of_sample_rank(sample_rank - spread));
     }
     return true;
   }
@@ -310,7 +320,7 @@ class RadixEngine final : public OrderStatsEngine {
                                     bool with_log_sums, std::vector<RankResult>& out,
                                     double* log_ref, SampleCounts* counts) {
     SampleWindows windows;
-    if (!sample_windows(requests, /*need_upper=*/false, windows)) return false;
+    if (!sample_windows(requests, windows)) return false;
     const Bits lo = static_cast<Bits>(
         *std::min_element(windows.lo_bin.begin(), windows.lo_bin.end()));
     if (lo <= 1) return false;  // the whole range: the counting pass is as fast
@@ -400,6 +410,173 @@ class RadixEngine final : public OrderStatsEngine {
     }
   };
 
+  // Two-pass path with a sampled lower bound (2-level |x| keys): pass 1 histograms and
+  // log-sums, per top-digit bin, only the keys at or above the lowest window (and counts
+  // zero/inf/NaN everywhere); pass 2 resolves the last digit inside the rank bins. Exact; if a
+  // rank lies below the bound the caller falls back to the full two-pass path.
+  bool resolve_sampled_two_pass(const std::vector<RankRequest>& requests,
+                                const SampleWindows& windows, bool with_log_sums,
+                                std::vector<RankResult>& out, double* log_ref,
+                                SampleCounts* counts) {
+    const int64_t lo_bin = *std::min_element(windows.lo_bin.begin(), windows.lo_bin.end());
+    if (lo_bin <= 1) return false;  // the whole range: the plain counting pass is as fast
+    const int64_t top_valid_bin = static_cast<int64_t>(Policy::kMaxValidKey >> kTopShift);
+    TopTailConfig tcfg;
+    tcfg.lo_bin = lo_bin;
+    tcfg.n_bins = top_valid_bin - lo_bin + 1;
+    tcfg.lo_key = Bits(Bits(lo_bin) << kTopShift);
+    tcfg.with_logs = with_log_sums;
+    tcfg.log_ref = fast_log(Policy::value_of_key(tcfg.lo_key));
+    top_hist_.assign(kTopBins, 0);
+    std::vector<TopTailSink> sinks(max_threads());
+    for (auto& sink : sinks) sink.cfg = &tcfg;
+    run_pass(sinks, [&](TopTailSink& sink) { sink.end_block(top_hist_); });
+
+    uint64_t zeros = 0, infs = 0, nans = 0;
+    std::vector<CompensatedSum> bin_log(tcfg.n_bins), bin_log_sq(tcfg.n_bins);
+    for (auto& sink : sinks) {
+      if (sink.keys.empty()) continue;  // thread not used
+      zeros += sink.zeros;
+      infs += sink.infs;
+      nans += sink.nans;
+      if (!with_log_sums) continue;
+      for (int64_t b = 0; b < tcfg.n_bins; ++b) {
+        bin_log[b].add(sink.bin_log[b]);
+        bin_log_sq[b].add(sink.bin_log_sq[b]);
+      }
+    }
+    counts_.n_zero = static_cast<int64_t>(zeros);
+    counts_.n_inf = static_cast<int64_t>(infs);
+    counts_.n_nan = static_cast<int64_t>(nans);
+    counts_.n_eff = total_ - counts_.n_zero - counts_.n_inf - counts_.n_nan;
+    *counts = counts_;
+    counted_ = false;  // top_hist_ holds only the bins from lo_bin up
+    std::vector<int64_t> ranks(requests.size());
+    for (size_t t = 0; t < requests.size(); ++t) {
+      const RankRequest& q = requests[t];
+      ranks[t] = (q.ratio > 0 ? static_cast<int64_t>(std::floor(q.ratio * counts_.n_eff)) : q.k) +
+                 q.offset;
+      if (ranks[t] < 1 || ranks[t] > counts_.n_eff) return true;  // caller raises
+    }
+    std::vector<Bits> prefix(requests.size());
+    std::vector<int64_t> residual(requests.size());
+    walk_top(ranks, prefix, residual);
+    for (size_t t = 0; t < requests.size(); ++t) {
+      if (static_cast<int64_t>(prefix[t]) < lo_bin ||
+          residual[t] > static_cast<int64_t>(top_hist_[prefix[t]])) {
+        return false;  // below the sampled bound: the exact path takes over
+      }
+    }
+    TopBinSums sums;
+    sums.lo_bin = lo_bin;
+    sums.log_ref = tcfg.log_ref;
+    sums.above_log.assign(tcfg.n_bins, 0.0);
+    sums.above_log_sq.assign(tcfg.n_bins, 0.0);
+    CompensatedSum above, above_sq;
+    for (int64_t b = tcfg.n_bins - 1; b >= 0; --b) {
+      sums.above_log[b] = above.value();
+      sums.above_log_sq[b] = above_sq.value();
+      above.add(bin_log[b]);
+      above_sq.add(bin_log_sq[b]);
+    }
+    std::vector<Bits> bins(prefix.begin(), prefix.end());
+    std::sort(bins.begin(), bins.end());
+    bins.erase(std::unique(bins.begin(), bins.end()), bins.end());
+    PassResult pass;
+    select_pass(1, bins, /*with_logs=*/false, /*count_all=*/false, pass);
+    out.assign(requests.size(), RankResult{});
+    descend(1, bins, pass, ranks, prefix, residual, out, log_ref,
+            with_log_sums ? &sums : nullptr);
+    return true;
+  }
+
+  struct TopTailConfig {
+    int64_t lo_bin = 0, n_bins = 0;
+    Bits lo_key = 0;
+    bool with_logs = false;
+    double log_ref = 0.0;
+  };
+
+  // Pass-1 sink of the sampled two-pass path: top-digit histogram and per-bin log sums of the
+  // keys from lo_key up, zero/inf/NaN counts of all.
+  struct TopTailSink {
+    const TopTailConfig* cfg = nullptr;
+    uint32_t* hist = nullptr;  // [kTopBins], this thread's scratch
+    std::vector<Bits> keys;
+    int n_keys = 0;
+    std::vector<double> values, logs;
+    std::vector<int32_t> bin_of_value;
+    std::vector<CompensatedSum> bin_log, bin_log_sq;  // [n_bins]
+    uint64_t zeros = 0, infs = 0, nans = 0;
+
+    void init() {
+      auto& store = thread_scratch<uint32_t, 4>();
+      store.assign(kTopBins, 0);
+      hist = store.data();
+      keys.assign(kBuffer + 8, 0);
+      values.assign(kBuffer + 8, 0.0);
+      logs.assign(kBuffer + 8, 0.0);
+      bin_of_value.assign(kBuffer + 8, 0);
+      if (cfg->with_logs) {
+        bin_log.assign(cfg->n_bins, CompensatedSum{});
+        bin_log_sq.assign(cfg->n_bins, CompensatedSum{});
+      }
+    }
+    void consume(const Bits* p, int64_t n, int64_t stride) {
+      const Bits lo = cfg->lo_key;
+      const Bits span = Bits(Policy::kMaxValidKey - lo);
+      if constexpr (Policy::kFormat == FloatFormat::kFloat32) {
+        if (stride == 1) {
+          for (int64_t i = 0; i < n;) {
+            const int64_t take = std::min<int64_t>(n - i, kBuffer - n_keys);
+            n_keys += static_cast<int>(simd::select_count_f32_abs(
+                p + i, take, lo, span, keys.data() + n_keys, zeros, infs, nans));
+            i += take;
+            if (n_keys > kBuffer - kMinRoom) flush();
+          }
+          return;
+        }
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const Bits key = Policy::key(p[i * stride]);
+        zeros += key == 0;
+        infs += key == Traits::kInf;
+        nans += key > Traits::kInf;
+        keys[n_keys] = key;
+        n_keys += Bits(key - lo) <= span;
+        if (n_keys == kBuffer) flush();
+      }
+    }
+    void flush() {
+      const int n = n_keys;
+      const int64_t lo_bin = cfg->lo_bin;
+      for (int i = 0; i < n; ++i) {
+        const Bits key = keys[i];
+        const int64_t bin = static_cast<int64_t>(key >> kTopShift);
+        ++hist[bin];
+        bin_of_value[i] = static_cast<int32_t>(bin - lo_bin);
+        values[i] = Policy::value_of_key(key);
+      }
+      n_keys = 0;
+      if (!cfg->with_logs) return;
+      simd::log_minus(values.data(), logs.data(), n, cfg->log_ref);
+      for (int i = 0; i < n; ++i) {
+        bin_log[bin_of_value[i]].add_nonnegative(logs[i]);
+        bin_log_sq[bin_of_value[i]].add_nonnegative(logs[i] * logs[i]);
+      }
+    }
+    void end_block(std::vector<uint64_t>& total) {
+      flush();
+      for (int b = 0; b < kTopBins; ++b) {
+        if (hist[b]) {
+          atomic_add(total[b], hist[b]);
+          hist[b] = 0;
+        }
+      }
+    }
+  };
+
+  static constexpr int64_t kNoUpperBound = -1;
   static constexpr int64_t kSampledMinEntries = int64_t{1} << 22;
   static constexpr int64_t kSampleBlock = 4096;
   static constexpr int64_t kSampleBlocks = 256;  // 2^20 sampled entries at most
@@ -877,16 +1054,27 @@ class RadixEngine final : public OrderStatsEngine {
   }
 
   // After the pass of `level`: move each rank one digit down; on the last level, the results.
+  // Sums of y = log x - log_ref over whole top-digit bins, as suffix sums: above[b - lo_bin]
+  // is the sum over the bins strictly above bin b (from the counting pass of the sampled
+  // two-pass path, which makes the bucket sums of the last pass unnecessary).
+  struct TopBinSums {
+    int64_t lo_bin = 0;
+    double log_ref = 0.0;
+    std::vector<double> above_log, above_log_sq;
+  };
+
   void descend(int level, const std::vector<Bits>& bins, const PassResult& pass,
                const std::vector<int64_t>& ranks, std::vector<Bits>& prefix,
-               std::vector<int64_t>& residual, std::vector<RankResult>& out, double* log_ref) {
+               std::vector<int64_t>& residual, std::vector<RankResult>& out, double* log_ref,
+               const TopBinSums* top_sums = nullptr) {
     const int n_ranks = static_cast<int>(ranks.size());
     const int m = static_cast<int>(bins.size());
     const SelectConfig& cfg = pass.cfg;
     const std::vector<uint64_t>& sub_total = pass.sub_total;
     const std::vector<double>& bucket_log = pass.bucket_log;
     const std::vector<double>& bucket_log_sq = pass.bucket_log_sq;
-    const bool with_logs = cfg.with_logs;
+    const bool with_logs = cfg.with_logs || top_sums != nullptr;
+    const double ref = top_sums ? top_sums->log_ref : cfg.log_ref;
     // Move each rank one digit down.
     std::vector<int> bin_of_rank(n_ranks);
     std::vector<int> digit_of_rank(n_ranks);
@@ -911,7 +1099,7 @@ class RadixEngine final : public OrderStatsEngine {
       out[t].n_above = ranks[t] - residual[t];
     }
     if (!with_logs) return;
-    *log_ref = cfg.log_ref;
+    *log_ref = ref;
 
     // Sums above each rank: buckets above its bin, whole bins above its bin, and the digits
     // above its own inside its bin (exact values: the last digit completes the key).
@@ -925,18 +1113,20 @@ class RadixEngine final : public OrderStatsEngine {
       std::sort(members.begin(), members.end(),
                 [&](int a, int b) { return digit_of_rank[a] > digit_of_rank[b]; });
       const uint64_t* h = sub_total.data() + static_cast<size_t>(j) * cfg.digit_bins;
-      // Values of the nonempty digits (descending), their logs in one vectorised call.
+      // Values of the nonempty digits (descending), their logs in one vectorised call. With
+      // whole-bin sums from the counting pass only the digits above the lowest rank matter.
+      if (top_sums && members.empty()) continue;
+      const int lowest_digit = top_sums ? digit_of_rank[members.back()] : 0;
       digits.clear();
       values.clear();
-      for (int d = cfg.digit_bins - 1; d >= 0; --d) {
+      for (int d = cfg.digit_bins - 1; d >= lowest_digit; --d) {
         const Bits key = Bits((Bits(bins[j]) << cfg.prefix_shift) | Bits(d));
         if (h[d] == 0 || key == 0) continue;  // zeros are not in any tail sum
         digits.push_back(d);
         values.push_back(Policy::value_of_key(key));
       }
       logs.resize(values.size());
-      simd::log_minus(values.data(), logs.data(), static_cast<int64_t>(values.size()),
-                      cfg.log_ref);
+      simd::log_minus(values.data(), logs.data(), static_cast<int64_t>(values.size()), ref);
       CompensatedSum run_log, run_log_sq;
       size_t next = 0;
       for (size_t e = 0; e <= digits.size(); ++e) {
@@ -959,6 +1149,15 @@ class RadixEngine final : public OrderStatsEngine {
       CompensatedSum s1, s2;
       s1.add(out[t].sum_log);
       s2.add(out[t].sum_log_sq);
+      if (top_sums) {
+        const size_t b = static_cast<size_t>(bins[j]) - static_cast<size_t>(top_sums->lo_bin);
+        s1.add(top_sums->above_log[b]);
+        s2.add(top_sums->above_log_sq[b]);
+        out[t].sum_log = s1.value();
+        out[t].sum_log_sq = s2.value();
+        out[t].log_value = fast_log(out[t].value) - ref;
+        continue;
+      }
       for (int b = j + 1; b <= m; ++b) {
         s1.add(bucket_log[b]);
         s2.add(bucket_log_sq[b]);
@@ -969,7 +1168,7 @@ class RadixEngine final : public OrderStatsEngine {
       }
       out[t].sum_log = s1.value();
       out[t].sum_log_sq = s2.value();
-      out[t].log_value = fast_log(out[t].value) - cfg.log_ref;
+      out[t].log_value = fast_log(out[t].value) - ref;
     }
   }
 
