@@ -1104,46 +1104,50 @@ class RadixEngine final : public OrderStatsEngine {
     // Sums above each rank: buckets above its bin, whole bins above its bin, and the digits
     // above its own inside its bin (exact values: the last digit completes the key).
     std::vector<double> full_log(m, 0.0), full_log_sq(m, 0.0);
-    std::vector<int> digits;
-    std::vector<double> values, logs;
     std::vector<std::vector<int>> ranks_in_bin(m);
     for (int t = 0; t < n_ranks; ++t) ranks_in_bin[bin_of_rank[t]].push_back(t);
-    for (int j = 0; j < m; ++j) {
-      auto& members = ranks_in_bin[j];
-      std::sort(members.begin(), members.end(),
-                [&](int a, int b) { return digit_of_rank[a] > digit_of_rank[b]; });
-      const uint64_t* h = sub_total.data() + static_cast<size_t>(j) * cfg.digit_bins;
-      // Values of the nonempty digits (descending), their logs in one vectorised call. With
-      // whole-bin sums from the counting pass only the digits above the lowest rank matter.
-      if (top_sums && members.empty()) continue;
-      const int lowest_digit = top_sums ? digit_of_rank[members.back()] : 0;
-      digits.clear();
-      values.clear();
-      for (int d = cfg.digit_bins - 1; d >= lowest_digit; --d) {
-        const Bits key = Bits((Bits(bins[j]) << cfg.prefix_shift) | Bits(d));
-        if (h[d] == 0 || key == 0) continue;  // zeros are not in any tail sum
-        digits.push_back(d);
-        values.push_back(Policy::value_of_key(key));
-      }
-      logs.resize(values.size());
-      simd::log_minus(values.data(), logs.data(), static_cast<int64_t>(values.size()), ref);
-      CompensatedSum run_log, run_log_sq;
-      size_t next = 0;
-      for (size_t e = 0; e <= digits.size(); ++e) {
-        const int d = e < digits.size() ? digits[e] : -1;
-        while (next < members.size() && digit_of_rank[members[next]] >= d) {
-          out[members[next]].sum_log = run_log.value();
-          out[members[next]].sum_log_sq = run_log_sq.value();
-          ++next;
+    // Bins are independent (each rank belongs to one), so they are shared out over threads:
+    // with 64 ks this walk over ~100 x 2^15 digits was the largest serial part of hill_plot.
+    parallel_blocks(m, [&](int64_t j0, int64_t j1, int) {
+      std::vector<int> digits;
+      std::vector<double> values, logs;
+      for (int64_t j = j0; j < j1; ++j) {
+        auto& members = ranks_in_bin[j];
+        std::sort(members.begin(), members.end(),
+                  [&](int a, int b) { return digit_of_rank[a] > digit_of_rank[b]; });
+        const uint64_t* h = sub_total.data() + static_cast<size_t>(j) * cfg.digit_bins;
+        // Values of the nonempty digits (descending), their logs in one vectorised call. With
+        // whole-bin sums from the counting pass only the digits above the lowest rank matter.
+        if (top_sums && members.empty()) continue;
+        const int lowest_digit = top_sums ? digit_of_rank[members.back()] : 0;
+        digits.clear();
+        values.clear();
+        for (int d = cfg.digit_bins - 1; d >= lowest_digit; --d) {
+          const Bits key = Bits((Bits(bins[j]) << cfg.prefix_shift) | Bits(d));
+          if (h[d] == 0 || key == 0) continue;  // zeros are not in any tail sum
+          digits.push_back(d);
+          values.push_back(Policy::value_of_key(key));
         }
-        if (e == digits.size()) break;
-        const double c = static_cast<double>(h[d]);
-        run_log.add(c * logs[e]);
-        run_log_sq.add(c * logs[e] * logs[e]);
+        logs.resize(values.size());
+        simd::log_minus(values.data(), logs.data(), static_cast<int64_t>(values.size()), ref);
+        CompensatedSum run_log, run_log_sq;
+        size_t next = 0;
+        for (size_t e = 0; e <= digits.size(); ++e) {
+          const int d = e < digits.size() ? digits[e] : -1;
+          while (next < members.size() && digit_of_rank[members[next]] >= d) {
+            out[members[next]].sum_log = run_log.value();
+            out[members[next]].sum_log_sq = run_log_sq.value();
+            ++next;
+          }
+          if (e == digits.size()) break;
+          const double c = static_cast<double>(h[d]);
+          run_log.add(c * logs[e]);
+          run_log_sq.add(c * logs[e] * logs[e]);
+        }
+        full_log[j] = run_log.value();
+        full_log_sq[j] = run_log_sq.value();
       }
-      full_log[j] = run_log.value();
-      full_log_sq[j] = run_log_sq.value();
-    }
+    });
     for (int t = 0; t < n_ranks; ++t) {
       const int j = bin_of_rank[t];
       CompensatedSum s1, s2;
