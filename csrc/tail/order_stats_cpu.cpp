@@ -111,10 +111,7 @@ class RadixEngine final : public OrderStatsEngine {
         }
         nans = nonfinite - infs;
       }
-      counts_.n_zero = static_cast<int64_t>(zeros);
-      counts_.n_inf = static_cast<int64_t>(infs);
-      counts_.n_nan = static_cast<int64_t>(nans);
-      counts_.n_eff = total_ - counts_.n_zero - counts_.n_inf - counts_.n_nan;
+      set_abs_counts(zeros, infs, nans);
     } else {
       counts_.n_nan = static_cast<int64_t>(nans);
       counts_.n_eff = total_;
@@ -184,21 +181,11 @@ class RadixEngine final : public OrderStatsEngine {
 
       PassResult pass;
       select_pass(1, bins, with_log_sums, /*count_all=*/true, pass);
-      counts_.n_zero = static_cast<int64_t>(pass.zeros);
-      counts_.n_inf = static_cast<int64_t>(pass.infs);
-      counts_.n_nan = static_cast<int64_t>(pass.nans);
-      counts_.n_eff = total_ - counts_.n_zero - counts_.n_inf - counts_.n_nan;
+      set_abs_counts(pass.zeros, pass.infs, pass.nans);
       *counts = counts_;
-
-      // Exact ranks, now that n_eff is known; the caller validates them against n_eff.
       const int m = static_cast<int>(bins.size());
-      std::vector<int64_t> ranks(requests.size());
-      for (size_t t = 0; t < requests.size(); ++t) {
-        const RankRequest& q = requests[t];
-        ranks[t] = (q.ratio > 0 ? static_cast<int64_t>(std::floor(q.ratio * counts_.n_eff)) : q.k) +
-                   q.offset;
-        if (ranks[t] < 1 || ranks[t] > counts_.n_eff) return true;  // caller raises
-      }
+      std::vector<int64_t> ranks;
+      if (!exact_ranks(requests, ranks)) return true;  // a rank outside [1, n_eff]: caller raises
       // Entries above each window bin j: buckets j+1..m and bins j+1..m-1.
       std::vector<int64_t> full(m), above(m);
       for (int j = 0; j < m; ++j) {
@@ -229,6 +216,26 @@ class RadixEngine final : public OrderStatsEngine {
   }
 
  private:
+  void set_abs_counts(uint64_t zeros, uint64_t infs, uint64_t nans) {
+    counts_.n_zero = static_cast<int64_t>(zeros);
+    counts_.n_inf = static_cast<int64_t>(infs);
+    counts_.n_nan = static_cast<int64_t>(nans);
+    counts_.n_eff = total_ - counts_.n_zero - counts_.n_inf - counts_.n_nan;
+  }
+
+  // The ranks of the requests once n_eff is known; false if one lies outside [1, n_eff].
+  bool exact_ranks(const std::vector<RankRequest>& requests, std::vector<int64_t>& ranks) const {
+    ranks.resize(requests.size());
+    for (size_t t = 0; t < requests.size(); ++t) {
+      const RankRequest& q = requests[t];
+      const int64_t k =
+          q.ratio > 0 ? static_cast<int64_t>(std::floor(q.ratio * counts_.n_eff)) : q.k;
+      ranks[t] = k + q.offset;
+      if (ranks[t] < 1 || ranks[t] > counts_.n_eff) return false;
+    }
+    return true;
+  }
+
   // Rank walk over the top-digit histogram (bins descending): the bin of each rank and its
   // rank inside the bin. Returns the lowest bin it had to look at.
   int64_t walk_top(const std::vector<int64_t>& ranks, std::vector<Bits>& prefix,
@@ -334,18 +341,10 @@ class RadixEngine final : public OrderStatsEngine {
       infs += s.infs;
       nans += s.nans;
     }
-    counts_.n_zero = static_cast<int64_t>(zeros);
-    counts_.n_inf = static_cast<int64_t>(infs);
-    counts_.n_nan = static_cast<int64_t>(nans);
-    counts_.n_eff = total_ - counts_.n_zero - counts_.n_inf - counts_.n_nan;
+    set_abs_counts(zeros, infs, nans);
     *counts = counts_;
-    std::vector<int64_t> ranks(requests.size());
-    for (size_t t = 0; t < requests.size(); ++t) {
-      const RankRequest& q = requests[t];
-      ranks[t] = (q.ratio > 0 ? static_cast<int64_t>(std::floor(q.ratio * counts_.n_eff)) : q.k) +
-                 q.offset;
-      if (ranks[t] < 1 || ranks[t] > counts_.n_eff) return true;  // caller raises
-    }
+    std::vector<int64_t> ranks;
+    if (!exact_ranks(requests, ranks)) return true;  // a rank outside [1, n_eff]: caller raises
     std::vector<Bits> key(requests.size());
     std::vector<int64_t> residual(requests.size());
     walk_top(ranks, key, residual);
@@ -445,19 +444,11 @@ class RadixEngine final : public OrderStatsEngine {
         bin_log_sq[b].add(sink.bin_log_sq[b]);
       }
     }
-    counts_.n_zero = static_cast<int64_t>(zeros);
-    counts_.n_inf = static_cast<int64_t>(infs);
-    counts_.n_nan = static_cast<int64_t>(nans);
-    counts_.n_eff = total_ - counts_.n_zero - counts_.n_inf - counts_.n_nan;
+    set_abs_counts(zeros, infs, nans);
     *counts = counts_;
     counted_ = false;  // top_hist_ holds only the bins from lo_bin up
-    std::vector<int64_t> ranks(requests.size());
-    for (size_t t = 0; t < requests.size(); ++t) {
-      const RankRequest& q = requests[t];
-      ranks[t] = (q.ratio > 0 ? static_cast<int64_t>(std::floor(q.ratio * counts_.n_eff)) : q.k) +
-                 q.offset;
-      if (ranks[t] < 1 || ranks[t] > counts_.n_eff) return true;  // caller raises
-    }
+    std::vector<int64_t> ranks;
+    if (!exact_ranks(requests, ranks)) return true;  // a rank outside [1, n_eff]: caller raises
     std::vector<Bits> prefix(requests.size());
     std::vector<int64_t> residual(requests.size());
     walk_top(ranks, prefix, residual);

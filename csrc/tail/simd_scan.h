@@ -118,91 +118,13 @@ inline constexpr LeftPackTable kLeftPack{};
 #endif
 
 // Appends to out the |x| keys of contiguous float32 entries with lo <= key <= lo + span and
-// returns how many; out needs room for n + 8 keys.
-inline int64_t select_f32_abs(const uint32_t* p, int64_t n, uint32_t lo, uint32_t span,
-                              uint32_t* out) {
-  constexpr uint32_t kAbs = 0x7fffffffu;
-  int64_t count = 0;
-  int64_t i = 0;
-#if defined(__AVX2__)
-  const __m256i abs_mask = _mm256_set1_epi32(static_cast<int>(kAbs));
-  const __m256i lo_v = _mm256_set1_epi32(static_cast<int>(lo));
-  const __m256i span_v = _mm256_set1_epi32(static_cast<int>(span));
-  for (; i + 8 <= n; i += 8) {
-    const __m256i keys =
-        _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i)), abs_mask);
-    const __m256i offset = _mm256_sub_epi32(keys, lo_v);
-    // Unsigned offset <= span  <=>  max(offset, span) == span.
-    const __m256i in_range = _mm256_cmpeq_epi32(_mm256_max_epu32(offset, span_v), span_v);
-    const int mask = _mm256_movemask_ps(_mm256_castsi256_ps(in_range));
-    const __m256i perm =
-        _mm256_load_si256(reinterpret_cast<const __m256i*>(kLeftPack.index[mask]));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + count),
-                        _mm256_permutevar8x32_epi32(keys, perm));
-    count += __builtin_popcount(static_cast<unsigned>(mask));
-  }
-#endif
-  for (; i < n; ++i) {
-    const uint32_t key = p[i] & kAbs;
-    out[count] = key;
-    count += (key - lo) <= span;
-  }
-  return count;
-}
-
-#if defined(__AVX2__)
-// log of 4 positive finite doubles (subnormals included): the method of fast_log().
-inline __m256d log_pd(__m256d v) {
-  const __m256d ln2 = _mm256_set1_pd(0.69314718055994530942);
-  const __m256d sqrt2 = _mm256_set1_pd(1.41421356237309504880);
-  const __m256d min_normal = _mm256_set1_pd(2.2250738585072014e-308);
-  const __m256d two54 = _mm256_set1_pd(18014398509481984.0);
-  const __m256i mantissa_mask = _mm256_set1_epi64x(0x000fffffffffffffll);
-  const __m256i one_bits = _mm256_set1_epi64x(0x3ff0000000000000ll);
-  // Adding 2^52 as bits turns a small integer into a double: (2^52 + e) - 2^52 = e exactly.
-  const __m256i magic_bits = _mm256_set1_epi64x(0x4330000000000000ll);
-  const __m256d magic = _mm256_set1_pd(4503599627370496.0);
-  const __m256d one = _mm256_set1_pd(1.0);
-  const __m256d two = _mm256_set1_pd(2.0);
-  const __m256d half = _mm256_set1_pd(0.5);
-  const __m256d subnormal = _mm256_cmp_pd(v, min_normal, _CMP_LT_OQ);
-  v = _mm256_blendv_pd(v, _mm256_mul_pd(v, two54), subnormal);
-  const __m256i bits = _mm256_castpd_si256(v);
-  const __m256i biased = _mm256_srli_epi64(bits, 52);
-  __m256d exponent =
-      _mm256_sub_pd(_mm256_castsi256_pd(_mm256_or_si256(biased, magic_bits)), magic);
-  exponent = _mm256_sub_pd(exponent, _mm256_set1_pd(1023.0));
-  exponent = _mm256_sub_pd(exponent, _mm256_and_pd(subnormal, _mm256_set1_pd(54.0)));
-  __m256d m =
-      _mm256_castsi256_pd(_mm256_or_si256(_mm256_and_si256(bits, mantissa_mask), one_bits));
-  const __m256d big = _mm256_cmp_pd(m, sqrt2, _CMP_GT_OQ);
-  m = _mm256_blendv_pd(m, _mm256_mul_pd(m, half), big);
-  exponent = _mm256_add_pd(exponent, _mm256_and_pd(big, one));
-  const __m256d f = _mm256_sub_pd(m, one);
-  const __m256d s = _mm256_div_pd(f, _mm256_add_pd(two, f));
-  const __m256d z = _mm256_mul_pd(s, s);
-  __m256d series = _mm256_set1_pd(1.0 / 21.0);
-  series = _mm256_fmadd_pd(series, z, _mm256_set1_pd(1.0 / 19.0));
-  series = _mm256_fmadd_pd(series, z, _mm256_set1_pd(1.0 / 17.0));
-  series = _mm256_fmadd_pd(series, z, _mm256_set1_pd(1.0 / 15.0));
-  series = _mm256_fmadd_pd(series, z, _mm256_set1_pd(1.0 / 13.0));
-  series = _mm256_fmadd_pd(series, z, _mm256_set1_pd(1.0 / 11.0));
-  series = _mm256_fmadd_pd(series, z, _mm256_set1_pd(1.0 / 9.0));
-  series = _mm256_fmadd_pd(series, z, _mm256_set1_pd(1.0 / 7.0));
-  series = _mm256_fmadd_pd(series, z, _mm256_set1_pd(1.0 / 5.0));
-  series = _mm256_fmadd_pd(series, z, _mm256_set1_pd(1.0 / 3.0));
-  // log m = f - s (f - 2 z series), as in fast_log().
-  const __m256d correction = _mm256_fnmadd_pd(_mm256_mul_pd(two, z), series, f);
-  const __m256d log_m = _mm256_fnmadd_pd(s, correction, f);
-  return _mm256_fmadd_pd(exponent, ln2, log_m);
-}
-#endif
-
-// select_f32_abs that also counts, over all n entries, the zero, inf and NaN keys (the sampled
-// single pass has no pass-1 histogram to take them from).
-inline int64_t select_count_f32_abs(const uint32_t* p, int64_t n, uint32_t lo, uint32_t span,
-                                    uint32_t* out, uint64_t& zeros, uint64_t& infs,
-                                    uint64_t& nans) {
+// returns how many; out needs room for n + 8 keys. With kCountSpecials, also counts the zero,
+// inf and NaN keys over all n entries (the sampled single pass has no pass-1 histogram to take
+// them from); n < 2^31 then (32-bit lane counters).
+template <bool kCountSpecials>
+inline int64_t select_f32_abs_impl(const uint32_t* p, int64_t n, uint32_t lo, uint32_t span,
+                                   uint32_t* out, uint64_t& zeros, uint64_t& infs,
+                                   uint64_t& nans) {
   constexpr uint32_t kAbs = 0x7fffffffu;
   constexpr uint32_t kInf = 0x7f800000u;
   int64_t count = 0;
@@ -214,14 +136,16 @@ inline int64_t select_count_f32_abs(const uint32_t* p, int64_t n, uint32_t lo, u
   const __m256i inf_v = _mm256_set1_epi32(static_cast<int>(kInf));
   const __m256i zero = _mm256_setzero_si256();
   __m256i zero_count = zero, inf_count = zero, nan_count = zero;
-  // n < 2^31 per call (the engine calls with at most a buffer's worth), so lanes cannot wrap.
   for (; i + 8 <= n; i += 8) {
     const __m256i keys =
         _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i)), abs_mask);
-    zero_count = _mm256_sub_epi32(zero_count, _mm256_cmpeq_epi32(keys, zero));
-    inf_count = _mm256_sub_epi32(inf_count, _mm256_cmpeq_epi32(keys, inf_v));
-    nan_count = _mm256_sub_epi32(nan_count, _mm256_cmpgt_epi32(keys, inf_v));
+    if constexpr (kCountSpecials) {
+      zero_count = _mm256_sub_epi32(zero_count, _mm256_cmpeq_epi32(keys, zero));
+      inf_count = _mm256_sub_epi32(inf_count, _mm256_cmpeq_epi32(keys, inf_v));
+      nan_count = _mm256_sub_epi32(nan_count, _mm256_cmpgt_epi32(keys, inf_v));
+    }
     const __m256i offset = _mm256_sub_epi32(keys, lo_v);
+    // Unsigned offset <= span  <=>  max(offset, span) == span.
     const __m256i in_range = _mm256_cmpeq_epi32(_mm256_max_epu32(offset, span_v), span_v);
     const int mask = _mm256_movemask_ps(_mm256_castsi256_ps(in_range));
     const __m256i perm =
@@ -230,25 +154,41 @@ inline int64_t select_count_f32_abs(const uint32_t* p, int64_t n, uint32_t lo, u
                         _mm256_permutevar8x32_epi32(keys, perm));
     count += __builtin_popcount(static_cast<unsigned>(mask));
   }
-  alignas(32) uint32_t z[8], f[8], q[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(z), zero_count);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(f), inf_count);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(q), nan_count);
-  for (int l = 0; l < 8; ++l) {
-    zeros += z[l];
-    infs += f[l];
-    nans += q[l];
+  if constexpr (kCountSpecials) {
+    alignas(32) uint32_t z[8], f[8], q[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(z), zero_count);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(f), inf_count);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(q), nan_count);
+    for (int l = 0; l < 8; ++l) {
+      zeros += z[l];
+      infs += f[l];
+      nans += q[l];
+    }
   }
 #endif
   for (; i < n; ++i) {
     const uint32_t key = p[i] & kAbs;
-    zeros += key == 0;
-    infs += key == kInf;
-    nans += key > kInf;
+    if constexpr (kCountSpecials) {
+      zeros += key == 0;
+      infs += key == kInf;
+      nans += key > kInf;
+    }
     out[count] = key;
     count += (key - lo) <= span;
   }
   return count;
+}
+
+inline int64_t select_f32_abs(const uint32_t* p, int64_t n, uint32_t lo, uint32_t span,
+                              uint32_t* out) {
+  uint64_t unused = 0;
+  return select_f32_abs_impl<false>(p, n, lo, span, out, unused, unused, unused);
+}
+
+inline int64_t select_count_f32_abs(const uint32_t* p, int64_t n, uint32_t lo, uint32_t span,
+                                    uint32_t* out, uint64_t& zeros, uint64_t& infs,
+                                    uint64_t& nans) {
+  return select_f32_abs_impl<true>(p, n, lo, span, out, zeros, infs, nans);
 }
 
 // For contiguous 16-bit floats: appends to out (as 32-bit values) the |x| keys with
@@ -308,6 +248,54 @@ inline int64_t select_count_u16_abs(const uint16_t* p, int64_t n, uint16_t lo, u
   }
   return count;
 }
+
+#if defined(__AVX2__)
+// log of 4 positive finite doubles (subnormals included): the method of fast_log().
+inline __m256d log_pd(__m256d v) {
+  const __m256d ln2 = _mm256_set1_pd(0.69314718055994530942);
+  const __m256d sqrt2 = _mm256_set1_pd(1.41421356237309504880);
+  const __m256d min_normal = _mm256_set1_pd(2.2250738585072014e-308);
+  const __m256d two54 = _mm256_set1_pd(18014398509481984.0);
+  const __m256i mantissa_mask = _mm256_set1_epi64x(0x000fffffffffffffll);
+  const __m256i one_bits = _mm256_set1_epi64x(0x3ff0000000000000ll);
+  // Adding 2^52 as bits turns a small integer into a double: (2^52 + e) - 2^52 = e exactly.
+  const __m256i magic_bits = _mm256_set1_epi64x(0x4330000000000000ll);
+  const __m256d magic = _mm256_set1_pd(4503599627370496.0);
+  const __m256d one = _mm256_set1_pd(1.0);
+  const __m256d two = _mm256_set1_pd(2.0);
+  const __m256d half = _mm256_set1_pd(0.5);
+  const __m256d subnormal = _mm256_cmp_pd(v, min_normal, _CMP_LT_OQ);
+  v = _mm256_blendv_pd(v, _mm256_mul_pd(v, two54), subnormal);
+  const __m256i bits = _mm256_castpd_si256(v);
+  const __m256i biased = _mm256_srli_epi64(bits, 52);
+  __m256d exponent =
+      _mm256_sub_pd(_mm256_castsi256_pd(_mm256_or_si256(biased, magic_bits)), magic);
+  exponent = _mm256_sub_pd(exponent, _mm256_set1_pd(1023.0));
+  exponent = _mm256_sub_pd(exponent, _mm256_and_pd(subnormal, _mm256_set1_pd(54.0)));
+  __m256d m =
+      _mm256_castsi256_pd(_mm256_or_si256(_mm256_and_si256(bits, mantissa_mask), one_bits));
+  const __m256d big = _mm256_cmp_pd(m, sqrt2, _CMP_GT_OQ);
+  m = _mm256_blendv_pd(m, _mm256_mul_pd(m, half), big);
+  exponent = _mm256_add_pd(exponent, _mm256_and_pd(big, one));
+  const __m256d f = _mm256_sub_pd(m, one);
+  const __m256d s = _mm256_div_pd(f, _mm256_add_pd(two, f));
+  const __m256d z = _mm256_mul_pd(s, s);
+  __m256d series = _mm256_set1_pd(1.0 / 21.0);
+  series = _mm256_fmadd_pd(series, z, _mm256_set1_pd(1.0 / 19.0));
+  series = _mm256_fmadd_pd(series, z, _mm256_set1_pd(1.0 / 17.0));
+  series = _mm256_fmadd_pd(series, z, _mm256_set1_pd(1.0 / 15.0));
+  series = _mm256_fmadd_pd(series, z, _mm256_set1_pd(1.0 / 13.0));
+  series = _mm256_fmadd_pd(series, z, _mm256_set1_pd(1.0 / 11.0));
+  series = _mm256_fmadd_pd(series, z, _mm256_set1_pd(1.0 / 9.0));
+  series = _mm256_fmadd_pd(series, z, _mm256_set1_pd(1.0 / 7.0));
+  series = _mm256_fmadd_pd(series, z, _mm256_set1_pd(1.0 / 5.0));
+  series = _mm256_fmadd_pd(series, z, _mm256_set1_pd(1.0 / 3.0));
+  // log m = f - s (f - 2 z series), as in fast_log().
+  const __m256d correction = _mm256_fnmadd_pd(_mm256_mul_pd(two, z), series, f);
+  const __m256d log_m = _mm256_fnmadd_pd(s, correction, f);
+  return _mm256_fmadd_pd(exponent, ln2, log_m);
+}
+#endif
 
 // y[i] = log(x[i]) - ref for positive finite x (subnormals included), n >= 0.
 inline void log_minus(const double* x, double* y, int64_t n, double ref) {
