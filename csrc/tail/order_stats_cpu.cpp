@@ -1001,7 +1001,14 @@ class RadixEngine final : public OrderStatsEngine {
       }
     }
 
-    result.sub_total.assign(static_cast<size_t>(m) * cfg.digit_bins, 0);
+    // Zeroed by all threads: with many ranks this is tens of MB (the largest serial step).
+    const size_t sub_entries = static_cast<size_t>(m) * cfg.digit_bins;
+    result.sub_total.resize(sub_entries);
+    const int64_t zero_chunks = std::max<int64_t>(1, static_cast<int64_t>(sub_entries >> 20));
+    parallel_blocks(zero_chunks, [&](int64_t c0, int64_t c1, int) {
+      const size_t begin = sub_entries * c0 / zero_chunks, end = sub_entries * c1 / zero_chunks;
+      std::fill(result.sub_total.begin() + begin, result.sub_total.begin() + end, 0);
+    });
     std::vector<SelectSink> sinks(max_threads());
     for (auto& s : sinks) s.cfg = &cfg;
     run_pass(sinks, [&](SelectSink& s) { s.end_block(result.sub_total); });
