@@ -1,14 +1,20 @@
 // CPU radix selection over float keys (see float_keys.h) with the tail log sums fused in.
 //
-// Passes: (1) a histogram of the top 16-bit digit of every key, with the zero/inf/NaN counts;
-// (2..L-1) for 64-bit keys, histograms of the next digit restricted to the bins that hold a
-// requested rank; (L) the last digit for those bins, and, for every entry above the lowest of
-// them, log|x| added to the sums of the interval between consecutive requested bins. A 32-bit
-// float therefore takes 2 passes and a 16-bit float 1 (its 15-bit key is one digit).
+// Exact path: (1) a histogram of the top 16-bit digit of every key with the zero/inf/NaN
+// counts; (2..L-1) for 64-bit keys, histograms of the next digit restricted to the bins that
+// hold a requested rank; (L) the last digit for those bins and, for every entry above the
+// lowest of them, log|x| added to the sums of the interval between consecutive requested bins.
+// A 32-bit float takes 2 passes, a 16-bit float 1 (its 15-bit key is one digit).
 //
-// The last pass selects candidates without branches (every key is written to a small buffer and
-// the write position advances only for keys in range), then classifies the buffer and evaluates
-// the logarithms in a vectorised loop: the data loop stays a streaming read.
+// Sampled paths (|x| of 16- and 32-bit floats, from 2^22 entries): a stratified sample bounds
+// the bins that can hold each rank. A 16-bit float then takes one pass over the keys above the
+// lowest bound; a 32-bit float one pass (few ranks: the last digit inside the sampled windows)
+// or two (many ranks: pass 1 restricted to the tail). A rank found outside its bound sends the
+// call to the exact path, so results never depend on the sample.
+//
+// Passes select candidates without branches (every key is written to a small buffer and the
+// write position advances only for keys in range), then classify the buffer and evaluate the
+// logarithms in a vectorised loop: the data loop stays a streaming read.
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -19,6 +25,7 @@
 
 #include "common/parallel.h"
 #include "tail/compensated_sum.h"
+#include "tail/engine_sinks.h"
 #include "tail/fast_log.h"
 #include "tail/order_stats_kernels.h"
 #include "tail/simd_scan.h"
@@ -26,49 +33,7 @@
 namespace gradience::tail {
 namespace {
 
-// Blocks of at most 2^30 entries keep the per-thread 32-bit counters from overflowing; they
-// are flushed into 64-bit totals after each block. Below 2^16 entries one thread does the work.
-constexpr int64_t kMaxBlock = int64_t{1} << 30;
-constexpr int64_t kMinBlock = int64_t{1} << 16;
-constexpr int kBuffer = 2048;      // candidate keys buffered before classification
-constexpr int kMinRoom = 256;      // flush when fewer free slots remain
-constexpr int kInterleave = 4;     // independent accumulators per bucket: hides FP add latency
-constexpr int kHitBuffer = 1 << 16;  // pending sub-histogram increments per thread
-
-// Per-thread buffers reused across calls: histograms are zeroed rather than allocated afresh, so
-// a call does not pay page faults on megabytes of new memory (measured: ~12% of a 64-rank
-// hill_plot). They keep their size between calls, bounded by the bins of the largest call.
-template <class T, int kTag>
-std::vector<T>& thread_scratch() {
-  static thread_local std::vector<T> buffer;
-  return buffer;
-}
-
-inline void atomic_add(uint64_t& target, uint64_t value) {
-  std::atomic_ref<uint64_t>(target).fetch_add(value, std::memory_order_relaxed);
-}
-
-template <class Bits>
-inline Bits load_bits(const Bits* base, int64_t i, int64_t stride) {
-  return base[i * stride];
-}
-
-// Index of the first prefix >= p in ascending `prefixes` (m of them).
-template <class Bits>
-inline int lower_bound_index(const Bits* prefixes, int m, Bits p) {
-  int first = 0;
-  int len = m;
-  while (len > 0) {
-    const int half = len >> 1;
-    if (prefixes[first + half] < p) {
-      first += half + 1;
-      len -= half + 1;
-    } else {
-      len = half;
-    }
-  }
-  return first;
-}
+using namespace engine;
 
 template <class Policy>
 class RadixEngine final : public OrderStatsEngine {
@@ -77,6 +42,12 @@ class RadixEngine final : public OrderStatsEngine {
   static constexpr int kLevels = Policy::kLevels;
   static constexpr int kTopShift = Policy::shift(0);
   static constexpr int kTopBins = 1 << Policy::digit_width(0);
+  using CountSink = engine::CountSink<Policy>;
+  using SelectConfig = engine::SelectConfig<Policy>;
+  using SelectSink = engine::SelectSink<Policy>;
+  using TopTailConfig = engine::TopTailConfig<Policy>;
+  using TopTailSink = engine::TopTailSink<Policy>;
+  using TailCountSink = engine::TailCountSink<Policy>;
 
  public:
   RadixEngine(const StridedView* views, int64_t n_views) : views_(views, views + n_views) {
@@ -359,55 +330,6 @@ class RadixEngine final : public OrderStatsEngine {
     return true;
   }
 
-  // Pass sink of the single-level sampled path.
-  struct TailCountSink {
-    Bits lo = 0;
-    uint32_t* hist = nullptr;  // [2][kTopBins], this thread's scratch
-    std::vector<uint32_t> keys;
-    uint64_t zeros = 0, infs = 0, nans = 0;
-    void init() {
-      auto& store = thread_scratch<uint32_t, 3>();
-      store.assign(2 * kTopBins, 0);
-      hist = store.data();
-      keys.assign(kBuffer + 16, 0);
-    }
-    void consume(const Bits* p, int64_t n, int64_t stride) {
-      if constexpr (sizeof(Bits) == 2) {
-        if (stride == 1) {
-          for (int64_t i = 0; i < n; i += kBuffer) {
-            const int64_t take = std::min<int64_t>(n - i, kBuffer);
-            const int64_t c = simd::select_count_u16_abs(p + i, take, lo, Traits::kInf,
-                                                         keys.data(), zeros, infs, nans);
-            add_keys(c);
-          }
-          return;
-        }
-      }
-      for (int64_t i = 0; i < n; ++i) {
-        const Bits key = Policy::key(p[i * stride]);
-        zeros += key == 0;
-        infs += key == Traits::kInf;
-        nans += key > Traits::kInf;
-        if (key >= lo && key < Traits::kInf) ++hist[key];
-      }
-    }
-    void add_keys(int64_t c) {
-      const uint32_t* k = keys.data();
-      int64_t j = 0;
-      for (; j + 2 <= c; j += 2) {
-        ++hist[k[j]];
-        ++hist[kTopBins + k[j + 1]];
-      }
-      if (j < c) ++hist[k[j]];
-    }
-    void end_block(std::vector<uint64_t>& total) {
-      for (int b = 0; b < kTopBins; ++b) {
-        const uint64_t c = uint64_t{hist[b]} + hist[kTopBins + b];
-        hist[b] = hist[kTopBins + b] = 0;
-        if (c) atomic_add(total[b], c);
-      }
-    }
-  };
 
   // Two-pass path with a sampled lower bound (2-level |x| keys): pass 1 histograms and
   // log-sums, per top-digit bin, only the keys at or above the lowest window (and counts
@@ -481,91 +403,7 @@ class RadixEngine final : public OrderStatsEngine {
     return true;
   }
 
-  struct TopTailConfig {
-    int64_t lo_bin = 0, n_bins = 0;
-    Bits lo_key = 0;
-    bool with_logs = false;
-    double log_ref = 0.0;
-  };
 
-  // Pass-1 sink of the sampled two-pass path: top-digit histogram and per-bin log sums of the
-  // keys from lo_key up, zero/inf/NaN counts of all.
-  struct TopTailSink {
-    const TopTailConfig* cfg = nullptr;
-    uint32_t* hist = nullptr;  // [kTopBins], this thread's scratch
-    std::vector<Bits> keys;
-    int n_keys = 0;
-    std::vector<double> values, logs;
-    std::vector<int32_t> bin_of_value;
-    std::vector<CompensatedSum> bin_log, bin_log_sq;  // [n_bins]
-    uint64_t zeros = 0, infs = 0, nans = 0;
-
-    void init() {
-      auto& store = thread_scratch<uint32_t, 4>();
-      store.assign(kTopBins, 0);
-      hist = store.data();
-      keys.assign(kBuffer + 8, 0);
-      values.assign(kBuffer + 8, 0.0);
-      logs.assign(kBuffer + 8, 0.0);
-      bin_of_value.assign(kBuffer + 8, 0);
-      if (cfg->with_logs) {
-        bin_log.assign(cfg->n_bins, CompensatedSum{});
-        bin_log_sq.assign(cfg->n_bins, CompensatedSum{});
-      }
-    }
-    void consume(const Bits* p, int64_t n, int64_t stride) {
-      const Bits lo = cfg->lo_key;
-      const Bits span = Bits(Policy::kMaxValidKey - lo);
-      if constexpr (Policy::kFormat == FloatFormat::kFloat32) {
-        if (stride == 1) {
-          for (int64_t i = 0; i < n;) {
-            const int64_t take = std::min<int64_t>(n - i, kBuffer - n_keys);
-            n_keys += static_cast<int>(simd::select_count_f32_abs(
-                p + i, take, lo, span, keys.data() + n_keys, zeros, infs, nans));
-            i += take;
-            if (n_keys > kBuffer - kMinRoom) flush();
-          }
-          return;
-        }
-      }
-      for (int64_t i = 0; i < n; ++i) {
-        const Bits key = Policy::key(p[i * stride]);
-        zeros += key == 0;
-        infs += key == Traits::kInf;
-        nans += key > Traits::kInf;
-        keys[n_keys] = key;
-        n_keys += Bits(key - lo) <= span;
-        if (n_keys == kBuffer) flush();
-      }
-    }
-    void flush() {
-      const int n = n_keys;
-      const int64_t lo_bin = cfg->lo_bin;
-      for (int i = 0; i < n; ++i) {
-        const Bits key = keys[i];
-        const int64_t bin = static_cast<int64_t>(key >> kTopShift);
-        ++hist[bin];
-        bin_of_value[i] = static_cast<int32_t>(bin - lo_bin);
-        values[i] = Policy::value_of_key(key);
-      }
-      n_keys = 0;
-      if (!cfg->with_logs) return;
-      simd::log_minus(values.data(), logs.data(), n, cfg->log_ref);
-      for (int i = 0; i < n; ++i) {
-        bin_log[bin_of_value[i]].add_nonnegative(logs[i]);
-        bin_log_sq[bin_of_value[i]].add_nonnegative(logs[i] * logs[i]);
-      }
-    }
-    void end_block(std::vector<uint64_t>& total) {
-      flush();
-      for (int b = 0; b < kTopBins; ++b) {
-        if (hist[b]) {
-          atomic_add(total[b], hist[b]);
-          hist[b] = 0;
-        }
-      }
-    }
-  };
 
   static constexpr int64_t kNoUpperBound = -1;
   static constexpr int64_t kSampledMinEntries = int64_t{1} << 22;
@@ -576,77 +414,6 @@ class RadixEngine final : public OrderStatsEngine {
   // counting pass they save: the exact two-pass path is faster.
   static constexpr int64_t kMaxSampledBins = 24;
 
-  // Pass 1 sink: top-digit histogram and the exact zero/inf/NaN counts.
-  struct CountSink {
-    // Several histogram copies (consecutive entries go to different copies) so that runs of
-    // equal bins do not serialise on store-to-load forwarding; summed at the end of each block.
-    static constexpr int kCopies = 4;
-    uint32_t* hist = nullptr;  // [kCopies][kTopBins], this thread's scratch
-    uint64_t zeros = 0, infs = 0, nans = 0;
-    void init() {
-      auto& store = thread_scratch<uint32_t, 0>();
-      store.assign(kCopies * kTopBins, 0);
-      hist = store.data();
-    }
-    void consume(const Bits* p, int64_t n, int64_t stride) {
-      if constexpr (Policy::kFormat == FloatFormat::kFloat32 && Policy::kAbs) {
-        if (stride == 1) {
-          simd::count_f32_abs(p, n, hist, hist + kTopBins, zeros, infs);
-          return;
-        }
-      }
-      if constexpr (sizeof(Bits) == 2 && Policy::kAbs) {
-        if (stride == 1) {
-          uint32_t* h = hist;
-          simd::count_u16_abs(p, n, h, h + kTopBins, h + 2 * kTopBins, h + 3 * kTopBins);
-          return;
-        }
-      }
-      if (stride == 1) {
-        run(n, [p](int64_t i) { return p[i]; });
-      } else {
-        run(n, [p, stride](int64_t i) { return p[i * stride]; });
-      }
-    }
-    template <class Load>
-    inline void run(int64_t n, Load load) {
-      uint32_t* ha = hist;
-      uint32_t* hb = hist + kTopBins;
-      uint64_t z = 0, f = 0, q = 0;
-      auto one = [&](Bits raw, uint32_t* h) {
-        const Bits key = Policy::key(raw);
-        ++h[key >> kTopShift];
-        if constexpr (Policy::kAbs && kLevels > 1) {
-          // Bin 0 mixes zero with the smallest subnormals and the inf bin mixes inf with
-          // NaNs, so these two keys are counted exactly here (n_eff is needed after pass 1).
-          z += key == 0;
-          f += key == Traits::kInf;
-        }
-        if constexpr (!Policy::kAbs) {
-          q += Bits(raw & Bits(~Traits::kSign)) > Traits::kInf;
-        }
-      };
-      int64_t i = 0;
-      for (; i + 2 <= n; i += 2) {
-        one(load(i), ha);
-        one(load(i + 1), hb);
-      }
-      if (i < n) one(load(i), ha);
-      zeros += z;
-      infs += f;
-      nans += q;
-    }
-    void end_block(std::vector<uint64_t>& total) {
-      for (int b = 0; b < kTopBins; ++b) {
-        uint64_t c = 0;
-        for (int copy = 0; copy < kCopies; ++copy) {
-          c += hist[copy * kTopBins + b];
-          hist[copy * kTopBins + b] = 0;
-        }
-        if (c) atomic_add(total[b], c);
-      }
-    }
-  };
 
   // Runs sinks[thread].consume over all runs of every view, in blocks; after each block calls
   // end_block(sink) on that thread's sink.
@@ -684,280 +451,7 @@ class RadixEngine final : public OrderStatsEngine {
     }
   }
 
-  // Configuration of one selection pass over the bins `prefixes` (ascending, distinct) of the
-  // previous level.
-  struct SelectConfig {
-    Bits lo = 0, hi = 0;         // candidate keys: lo <= key <= hi
-    int prefix_shift = 0;        // prefix = key >> prefix_shift
-    int digit_shift = 0;         // digit = (key >> digit_shift) & digit_mask
-    Bits digit_mask = 0;
-    int digit_bins = 0;
-    const Bits* prefixes = nullptr;
-    int m = 0;
-    bool with_logs = false;
-    double log_ref = 0.0;
-    // For prefixes of at most 16 bits: class_of_prefix[p] = 2 j + 1 if p is prefixes[j], else
-    // 2 j with j the index of the first prefix above p (its bucket). Replaces a binary search
-    // whose branches mispredict on every candidate when many ranks are asked for.
-    std::vector<uint16_t> class_of_prefix;
-    bool contiguous = false;  // prefixes are consecutive integers
-    bool count_all = false;   // also count zero/inf/NaN keys over every entry
-  };
 
-  struct SelectSink {
-    const SelectConfig* cfg = nullptr;
-    std::vector<Bits> keys;
-    int n_keys = 0;
-    uint32_t* sub = nullptr;       // [m][digit_bins], this thread's scratch
-    size_t sub_size = 0;
-    std::vector<double> values;    // [kBuffer] candidates above all matching bins
-    std::vector<int> buckets;      // [kBuffer]
-    std::vector<double> logs;      // [kBuffer]
-    std::vector<CompensatedSum> sum_log;  // [kInterleave][m + 1]
-    std::vector<CompensatedSum> sum_log_sq;
-    std::vector<uint64_t> bucket_count;  // [m + 1]
-    uint64_t zeros = 0, infs = 0, nans = 0;
-    // Sub-histogram slots of candidates inside the rank bins, applied bin by bin: with many
-    // ranks the sub-histograms (128 KiB each for float32) outgrow L2, and applying increments
-    // in arrival order missed cache on nearly every one (measured: 80% of the pass's time with
-    // 64 ks; grouping by bin keeps each bin's histogram in L2 while it is updated).
-    std::vector<uint32_t> hits, grouped;
-    std::vector<uint32_t> group_start;
-    int n_hits = 0;
-    bool group_hits = false;
-
-    void init() {
-      keys.assign(kBuffer, 0);
-      group_hits = static_cast<size_t>(cfg->m) * cfg->digit_bins * sizeof(uint32_t) > (256u << 10);
-      if (group_hits) {
-        hits.assign(kHitBuffer, 0);
-        grouped.assign(kHitBuffer, 0);
-        group_start.assign(cfg->m + 1, 0);
-      }
-      auto& store = thread_scratch<uint32_t, 1>();
-      sub_size = static_cast<size_t>(cfg->m) * cfg->digit_bins;
-      store.assign(sub_size, 0);
-      sub = store.data();
-      bucket_count.assign(cfg->m + 1, 0);
-      if (cfg->with_logs) {
-        values.assign(kBuffer, 0.0);
-        buckets.assign(kBuffer, 0);
-        logs.assign(kBuffer, 0.0);
-        sum_log.assign(static_cast<size_t>(kInterleave) * (cfg->m + 1), CompensatedSum{});
-        sum_log_sq.assign(sum_log.size(), CompensatedSum{});
-      }
-    }
-
-    void consume(const Bits* p, int64_t n, int64_t stride) {
-      if constexpr (Policy::kFormat == FloatFormat::kFloat32 && Policy::kAbs) {
-        if (stride == 1) {
-          select_contiguous_f32(p, n);
-          return;
-        }
-      }
-      if (stride == 1) {
-        run(n, [p](int64_t i) { return p[i]; });
-      } else {
-        run(n, [p, stride](int64_t i) { return p[i * stride]; });
-      }
-    }
-
-    void select_contiguous_f32(const Bits* p, int64_t n) {
-      const Bits span = Bits(cfg->hi - cfg->lo);
-      int64_t i = 0;
-      while (i < n) {
-        const int64_t take = std::min<int64_t>(n - i, kBuffer - 8 - n_keys);
-        Bits* out = keys.data() + n_keys;
-        n_keys += static_cast<int>(
-            cfg->count_all
-                ? simd::select_count_f32_abs(p + i, take, cfg->lo, span, out, zeros, infs, nans)
-                : simd::select_f32_abs(p + i, take, cfg->lo, span, out));
-        i += take;
-        if (n_keys > kBuffer - kMinRoom) flush();
-      }
-    }
-
-    template <class Load>
-    inline void run(int64_t n, Load load) {
-      const Bits lo = cfg->lo;
-      const Bits span = Bits(cfg->hi - lo);
-      Bits* buf = keys.data();
-      int64_t i = 0;
-      while (i < n) {
-        const int64_t stop = i + std::min<int64_t>(n - i, kBuffer - n_keys);
-        int count = n_keys;
-        if (cfg->count_all) {
-          uint64_t z = 0, f = 0, q = 0;
-          for (; i < stop; ++i) {
-            const Bits key = Policy::key(load(i));
-            z += key == 0;
-            f += key == Traits::kInf;
-            q += key > Traits::kInf;
-            buf[count] = key;
-            count += Bits(key - lo) <= span;
-          }
-          zeros += z;
-          infs += f;
-          nans += q;
-        } else {
-          for (; i < stop; ++i) {
-            const Bits key = Policy::key(load(i));
-            buf[count] = key;
-            count += Bits(key - lo) <= span;
-          }
-        }
-        n_keys = count;
-        if (n_keys > kBuffer - kMinRoom) flush();
-      }
-    }
-
-    void flush() {
-      const SelectConfig& c = *cfg;
-      if constexpr (Policy::kFormat == FloatFormat::kFloat32 && Policy::kAbs) {
-        // Consecutive bins (a single hill): every other candidate is above them, so the tail
-        // sums need no bucket scatter and vectorise whole.
-        if (c.contiguous && c.with_logs) {
-          flush_bin_range_f32();
-          return;
-        }
-      }
-      int n_values = 0;
-      if (!c.class_of_prefix.empty()) {
-        const uint16_t* classes = c.class_of_prefix.data();
-        if (group_hits && n_hits + n_keys > kHitBuffer) apply_hits();
-        for (int i = 0; i < n_keys; ++i) {
-          const Bits key = keys[i];
-          const int cls = classes[key >> c.prefix_shift];
-          if (cls & 1) {
-            const uint32_t slot = static_cast<uint32_t>(cls >> 1) * c.digit_bins +
-                                  static_cast<uint32_t>((key >> c.digit_shift) & c.digit_mask);
-            if (group_hits) {
-              hits[n_hits++] = slot;
-            } else {
-              ++sub[slot];
-            }
-          } else {
-            ++bucket_count[cls >> 1];
-            if (c.with_logs) {
-              values[n_values] = Policy::value_of_key(key);
-              buckets[n_values] = cls >> 1;
-              ++n_values;
-            }
-          }
-        }
-      } else {
-        for (int i = 0; i < n_keys; ++i) {
-          const Bits key = keys[i];
-          const Bits p = Bits(key >> c.prefix_shift);
-          const int j = c.m == 1 ? (p > c.prefixes[0] ? 1 : 0)
-                                 : lower_bound_index(c.prefixes, c.m, p);
-          if (j < c.m && c.prefixes[j] == p) {
-            ++sub[static_cast<size_t>(j) * c.digit_bins +
-                  ((key >> c.digit_shift) & c.digit_mask)];
-          } else {
-            ++bucket_count[j];
-            if (c.with_logs) {
-              values[n_values] = Policy::value_of_key(key);
-              buckets[n_values] = j;
-              ++n_values;
-            }
-          }
-        }
-      }
-      n_keys = 0;
-      if (n_values == 0) return;
-      const double ref = c.log_ref;
-      double* y = logs.data();
-      const double* x = values.data();
-      simd::log_minus(x, y, n_values, ref);
-      const int stride = c.m + 1;
-      for (int i = 0; i < n_values; ++i) {
-        const size_t slot = static_cast<size_t>(i & (kInterleave - 1)) * stride + buckets[i];
-        sum_log[slot].add_nonnegative(y[i]);
-        sum_log_sq[slot].add_nonnegative(y[i] * y[i]);
-      }
-    }
-
-    void flush_bin_range_f32() {
-      const SelectConfig& c = *cfg;
-      const Bits first = c.prefixes[0];
-      const Bits last = c.prefixes[c.m - 1];
-      // Locals, so that the increments through `sub` cannot alias the loop's bounds and
-      // parameters (otherwise reloaded from memory after every increment).
-      const int n = n_keys;
-      const int prefix_shift = c.prefix_shift;
-      const int digit_bits = Policy::digit_width(kLevels - 1);
-      const Bits digit_mask = c.digit_mask;
-      const Bits* __restrict key_ptr = keys.data();
-      uint32_t* __restrict hist = sub;
-      uint64_t above = 0;
-      if (group_hits) {
-        if (n_hits + n > kHitBuffer) apply_hits();
-        uint32_t* __restrict pending = hits.data();
-        int n_pending = n_hits;
-        for (int i = 0; i < n; ++i) {
-          const Bits key = key_ptr[i];
-          const Bits p = Bits(key >> prefix_shift);
-          if (p <= last) {
-            pending[n_pending++] =
-                (static_cast<uint32_t>(p - first) << digit_bits) + (key & digit_mask);
-          } else {
-            ++above;
-          }
-        }
-        n_hits = n_pending;
-      } else {
-        for (int i = 0; i < n; ++i) {
-          const Bits key = key_ptr[i];
-          const Bits p = Bits(key >> prefix_shift);
-          if (p <= last) {
-            ++hist[(static_cast<size_t>(p - first) << digit_bits) + (key & digit_mask)];
-          } else {
-            ++above;
-          }
-        }
-      }
-      bucket_count[c.m] += above;
-      // Bucket m (above the last bin) of interleave lanes 0..3.
-      CompensatedSum lanes[kInterleave], lanes_sq[kInterleave];
-      const size_t stride = static_cast<size_t>(c.m) + 1;
-      for (int r = 0; r < kInterleave; ++r) {
-        lanes[r] = sum_log[r * stride + c.m];
-        lanes_sq[r] = sum_log_sq[r * stride + c.m];
-      }
-      simd::sum_log_f32_above(keys.data(), n_keys, last, c.prefix_shift, c.log_ref, lanes,
-                              lanes_sq);
-      for (int r = 0; r < kInterleave; ++r) {
-        sum_log[r * stride + c.m] = lanes[r];
-        sum_log_sq[r * stride + c.m] = lanes_sq[r];
-      }
-      n_keys = 0;
-    }
-
-    // Counting sort of the pending slots by bin, then the increments bin after bin.
-    void apply_hits() {
-      const int m = cfg->m;
-      const int shift = __builtin_ctz(static_cast<unsigned>(cfg->digit_bins));  // a power of 2
-      auto bin_of = [shift](uint32_t slot) { return slot >> shift; };
-      std::fill(group_start.begin(), group_start.end(), 0);
-      for (int i = 0; i < n_hits; ++i) ++group_start[bin_of(hits[i]) + 1];
-      for (int j = 0; j < m; ++j) group_start[j + 1] += group_start[j];
-      for (int i = 0; i < n_hits; ++i) grouped[group_start[bin_of(hits[i])]++] = hits[i];
-      for (int i = 0; i < n_hits; ++i) ++sub[grouped[i]];
-      n_hits = 0;
-    }
-
-    void end_block(std::vector<uint64_t>& total) {
-      flush();
-      if (group_hits) apply_hits();
-      for (size_t b = 0; b < sub_size; ++b) {
-        if (sub[b]) {
-          atomic_add(total[b], sub[b]);
-          sub[b] = 0;
-        }
-      }
-    }
-  };
 
   // Result of one selection pass over `bins` (ascending prefixes of the previous level).
   struct PassResult {
