@@ -106,10 +106,11 @@ struct SelectConfig {
   int m = 0;
   bool with_logs = false;
   double log_ref = 0.0;
-  // For prefixes of at most 16 bits: class_of_prefix[p] = 2 j + 1 if p is prefixes[j], else
+  // For prefixes of at most 16 bits: class_of_prefix[p - class_base] = 2 j + 1 if p is prefixes[j], else
   // 2 j with j the index of the first prefix above p (its bucket). Replaces a binary search
   // whose branches mispredict on every candidate when many ranks are asked for.
-  std::vector<uint16_t> class_of_prefix;
+  std::vector<uint16_t> class_of_prefix;  // indexed by prefix - class_base
+  Bits class_base = 0;
   bool contiguous = false;  // prefixes are consecutive integers
   bool count_all = false;   // also count zero/inf/NaN keys over every entry
 };
@@ -130,7 +131,9 @@ struct SelectSink {
   std::vector<double> logs;      // [kBuffer]
   std::vector<CompensatedSum> sum_log;  // [kInterleave][m + 1]
   std::vector<CompensatedSum> sum_log_sq;
-  std::vector<uint64_t> bucket_count;  // [m + 1]
+  // [kInterleave][m + 1] with cfg->count_all only (the sampled window path needs the counts):
+  // runs of candidates in one bucket would otherwise chain every increment through memory.
+  std::vector<uint64_t> bucket_count;
   uint64_t zeros = 0, infs = 0, nans = 0;
   // Sub-histogram slots of candidates inside the rank bins, applied bin by bin: with many
   // ranks the sub-histograms (128 KiB each for float32) outgrow L2, and applying increments
@@ -156,7 +159,7 @@ struct SelectSink {
     sub_size = static_cast<size_t>(cfg->m) * cfg->digit_bins;
     store.assign(sub_size, 0);
     sub = store.data();
-    bucket_count.assign(cfg->m + 1, 0);
+    bucket_count.assign(static_cast<size_t>(kInterleave) * (cfg->m + 1), 0);
     if (cfg->with_logs) {
       values.assign(kBuffer, 0.0);
       buckets.assign(kBuffer, 0);
@@ -246,6 +249,7 @@ struct SelectSink {
       // it, one noisy run). Every candidate is written to the hit list and only the right
       // count advances.
       const uint16_t* __restrict classes = c.class_of_prefix.data();
+      const Bits base = c.class_base;
       if (n_hits + n_keys > kHitBuffer) apply_hits();
       const int n = n_keys;
       const int prefix_shift = c.prefix_shift;
@@ -255,16 +259,18 @@ struct SelectSink {
       const bool with_logs = c.with_logs;
       uint32_t* __restrict pending = hits.data();
       uint64_t* __restrict counts = bucket_count.data();
+      const bool count_buckets = c.count_all;
+      const int stride = c.m + 1;
       int n_pending = n_hits;
       for (int i = 0; i < n; ++i) {
         const Bits key = keys[i];
-        const int cls = classes[key >> prefix_shift];
+        const int cls = classes[(key >> prefix_shift) - base];
         const int hit = cls & 1;
         const int j = cls >> 1;
         pending[n_pending] = (static_cast<uint32_t>(j) << digit_bits) +
                              static_cast<uint32_t>((key >> digit_shift) & digit_mask);
         n_pending += hit;
-        counts[j] += static_cast<uint64_t>(1 - hit);
+        if (count_buckets) counts[(i & (kInterleave - 1)) * stride + j] += static_cast<uint64_t>(1 - hit);
         if (with_logs) {
           values[n_values] = Policy::value_of_key(key);
           buckets[n_values] = j;
@@ -282,7 +288,7 @@ struct SelectSink {
           ++sub[static_cast<size_t>(j) * c.digit_bins +
                 ((key >> c.digit_shift) & c.digit_mask)];
         } else {
-          ++bucket_count[j];
+          ++bucket_count[static_cast<size_t>(i & (kInterleave - 1)) * (c.m + 1) + j];
           if (c.with_logs) {
             values[n_values] = Policy::value_of_key(key);
             buckets[n_values] = j;
@@ -344,7 +350,7 @@ struct SelectSink {
         }
       }
     }
-    bucket_count[c.m] += above;
+    bucket_count[c.m] += above;  // interleave copy 0
     // Bucket m (above the last bin) of interleave lanes 0..3.
     CompensatedSum lanes[kInterleave], lanes_sq[kInterleave];
     const size_t stride = static_cast<size_t>(c.m) + 1;

@@ -457,7 +457,8 @@ class RadixEngine final : public OrderStatsEngine {
   struct PassResult {
     // [m][digit_bins]: the calling thread's scratch, valid until the next pass of this thread.
     std::vector<uint64_t>& sub_total = thread_scratch<uint64_t, 2>();
-    std::vector<uint64_t> bucket_count;  // [m + 1]: bucket j holds prefixes in (bins[j-1], bins[j])
+    // [m + 1], with count_all: bucket j holds prefixes in (bins[j-1], bins[j]), m above all.
+    std::vector<uint64_t> bucket_count;
     std::vector<double> bucket_log, bucket_log_sq;
     uint64_t zeros = 0, infs = 0, nans = 0;  // with count_all
     SelectConfig cfg;
@@ -486,11 +487,15 @@ class RadixEngine final : public OrderStatsEngine {
       cfg.log_ref = fast_log(Policy::value_of_key(ref_key));
     }
     if (Policy::kWidth - cfg.prefix_shift <= 16 && m > 1 && m < (1 << 15)) {
-      cfg.class_of_prefix.resize(size_t{1} << (Policy::kWidth - cfg.prefix_shift));
+      // Only prefixes of candidates, [bins.front(), hi >> shift], need a class: a table of a
+      // few KiB stays in L1 while the sub-histograms stream through L2.
+      cfg.class_base = bins.front();
+      cfg.class_of_prefix.resize(static_cast<size_t>((cfg.hi >> cfg.prefix_shift) - bins.front()) + 1);
       int j = 0;
-      for (size_t p = 0; p < cfg.class_of_prefix.size(); ++p) {
+      for (size_t i = 0; i < cfg.class_of_prefix.size(); ++i) {
+        const size_t p = static_cast<size_t>(bins.front()) + i;
         while (j < m && bins[j] < p) ++j;
-        cfg.class_of_prefix[p] =
+        cfg.class_of_prefix[i] =
             static_cast<uint16_t>(2 * j + (j < m && bins[j] == p ? 1 : 0));
       }
     }
@@ -515,7 +520,11 @@ class RadixEngine final : public OrderStatsEngine {
       result.zeros += s.zeros;
       result.infs += s.infs;
       result.nans += s.nans;
-      for (int b = 0; b <= m; ++b) result.bucket_count[b] += s.bucket_count[b];
+      for (int r = 0; r < kInterleave; ++r) {
+        for (int b = 0; b <= m; ++b) {
+          result.bucket_count[b] += s.bucket_count[static_cast<size_t>(r) * (m + 1) + b];
+        }
+      }
       if (!with_logs) continue;
       for (int r = 0; r < kInterleave; ++r) {
         for (int b = 0; b <= m; ++b) {
