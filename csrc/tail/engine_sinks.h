@@ -89,7 +89,6 @@ struct CountSink {
   }
 };
 
-
 // Configuration of one selection pass over the bins `prefixes` (ascending, distinct) of the
 // previous level.
 template <class Policy>
@@ -114,7 +113,6 @@ struct SelectConfig {
   bool contiguous = false;  // prefixes are consecutive integers
   bool count_all = false;   // also count zero/inf/NaN keys over every entry
 };
-
 
 template <class Policy>
 struct SelectSink {
@@ -381,15 +379,9 @@ struct SelectSink {
   void end_block(std::vector<uint64_t>& total) {
     flush();
     if (group_hits) apply_hits();
-    for (size_t b = 0; b < sub_size; ++b) {
-      if (sub[b]) {
-        atomic_add(total[b], sub[b]);
-        sub[b] = 0;
-      }
-    }
+    flush_counts(sub, sub_size, total.data());
   }
 };
-
 
 template <class Policy>
 struct TopTailConfig {
@@ -401,7 +393,6 @@ struct TopTailConfig {
   bool with_logs = false;
   double log_ref = 0.0;
 };
-
 
 // Pass-1 sink of the sampled two-pass path: top-digit histogram and per-bin log sums of the
 // keys from lo_key up, zero/inf/NaN counts of all.
@@ -477,15 +468,9 @@ struct TopTailSink {
   }
   void end_block(std::vector<uint64_t>& total) {
     flush();
-    for (int b = 0; b < L::kTopBins; ++b) {
-      if (hist[b]) {
-        atomic_add(total[b], hist[b]);
-        hist[b] = 0;
-      }
-    }
+    flush_counts(hist, L::kTopBins, total.data());
   }
 };
-
 
 // Pass sink of the single-level sampled path.
 template <class Policy>

@@ -31,6 +31,17 @@ inline void atomic_add(uint64_t& target, uint64_t value) {
   std::atomic_ref<uint64_t>(target).fetch_add(value, std::memory_order_relaxed);
 }
 
+// Adds the nonzero per-thread counts of a finished block to the shared 64-bit totals and zeroes
+// them for the next block.
+inline void flush_counts(uint32_t* counts, size_t n, uint64_t* totals) {
+  for (size_t b = 0; b < n; ++b) {
+    if (counts[b]) {
+      atomic_add(totals[b], counts[b]);
+      counts[b] = 0;
+    }
+  }
+}
+
 // Index of the first prefix >= p in ascending `prefixes` (m of them).
 template <class Bits>
 inline int lower_bound_index(const Bits* prefixes, int m, Bits p) {
