@@ -68,6 +68,21 @@ def log_scale(x, k: int, desc: np.ndarray | None = None) -> float:
     return float(logs.max() + abs(np.log(a[k])) + 1.0)
 
 
+def log_sum_tolerances(x, k: int, desc: np.ndarray | None = None) -> tuple[float, float]:
+    """The bounds of log_scale: (for S1/H1, for S2/H2) = (64 k eps L, 64 k eps L^2)."""
+    scale = log_scale(x, k, desc)
+    return 64 * EPS * k * scale, 64 * EPS * k * scale * scale
+
+
+def assert_log_sums_close(rows_a, rows_b, x, ks) -> None:
+    """Two tail_stats results of the same sample grouped differently (a list against its
+    concatenation, another thread count): log sums (S1, S2, H1, H2) within the bounds."""
+    for row_a, row_b, k in zip(rows_a.tolist(), rows_b.tolist(), ks):
+        tol1, tol2 = log_sum_tolerances(x, k)
+        for j, tol in ((3, tol1), (4, tol2), (5, tol1), (6, tol2)):
+            assert abs(row_a[j] - row_b[j]) <= tol, (j, k, row_a[j], row_b[j], tol)
+
+
 def hill(x, k: int) -> float:
     a = tail_sorted(x)
     return k / float(np.sum(np.log(a[:k]) - np.log(a[k])))
