@@ -16,10 +16,11 @@ from strategies import FLOAT_DTYPES, samples
 FIELDS = ["k", "x_k1", "x_k", "s1", "s2", "h1", "h2"]
 
 
-def assert_rows_match(rows: torch.Tensor, counts: torch.Tensor, x, ks) -> None:
+def assert_rows_match(rows: torch.Tensor, counts: torch.Tensor, x, ks, desc=None) -> None:
     c = ref.counts(x)
     assert counts.tolist() == [c["n_eff"], c["n_zero"], c["n_nan"], c["n_inf"]]
-    desc = ref.tail_sorted(x)
+    if desc is None:
+        desc = ref.tail_sorted(x)
     for row, k in zip(rows.tolist(), ks):
         want = ref.tail_row(x, k, desc)
         got = dict(zip(FIELDS, row))
@@ -132,8 +133,12 @@ def _sampled_cases():
     burst = torch.randn(n, generator=g) * 1e-3
     burst[2_500_100:2_500_400] = 1e3 + torch.arange(300, dtype=torch.float32)
     ties = torch.randint(1, 6, (n,), generator=g).float()
+    # The whole tail in the last quarter of the data: the last of 4 threads meets every key of
+    # the rank windows (1.1 MiB of them for the Hill-plot ks below).
+    tail_last_quarter = torch.randn(n, generator=g) * 1e-3
+    tail_last_quarter[3 * n // 4:] = torch.randn(n - 3 * n // 4, generator=g)
     return {"cauchy": cauchy, "specials": specials, "ascending": ascending, "burst": burst,
-            "ties": ties}
+            "ties": ties, "tail_last_quarter": tail_last_quarter}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -150,3 +155,30 @@ def test_sampled_single_pass_is_exact(case, dtype):
     ks = sorted({int(v) for v in np.geomspace(1, n_eff // 5, 40)})
     rows, counts = gk.tail_stats(x, ks)
     assert_rows_match(rows, counts, x, ks)
+
+
+@pytest.mark.parametrize("case", ["cauchy", "ascending", "burst", "ties", "tail_last_quarter"])
+def test_hill_plot_window_buffer_paths(case, monkeypatch):
+    """Every way the Hill-plot path can take its last digit gives the exact rows.
+
+    The two-pass path keeps the keys of the sampled rank windows in a buffer (budget
+    GRADIENCE_WINDOW_BUFFER_MIB) and reads the rank bins from it. It reads the data a second
+    time instead with no budget, when the sample expects more keys than half of it, when a
+    rank bin lies outside the windows (sorted data, "burst"), or when one thread's share
+    overflows ("tail_last_quarter" on 4 threads with 3 MiB: all 1.1 MiB in the last thread,
+    0.75 MiB each).
+    """
+    x = _sampled_cases()[case]
+    n_eff = ref.counts(x)["n_eff"]
+    desc = ref.tail_sorted(x)
+    ks = sorted({int(v) for v in np.geomspace(1, n_eff // 5, 40)})
+    threads = torch.get_num_threads()
+    try:
+        for budget in ("0", "0.5", "3", "8", "48"):
+            monkeypatch.setenv("GRADIENCE_WINDOW_BUFFER_MIB", budget)
+            for n_threads in (1, 4):
+                torch.set_num_threads(n_threads)
+                rows, counts = gk.tail_stats(x, ks)
+                assert_rows_match(rows, counts, x, ks, desc)
+    finally:
+        torch.set_num_threads(threads)

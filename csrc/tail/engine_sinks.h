@@ -392,6 +392,11 @@ struct TopTailConfig {
   Bits lo_key = 0;
   bool with_logs = false;
   double log_ref = 0.0;
+  // Optional key buffer of the bins the sample places ranks in: in_window[bin - lo_bin] is 1
+  // for those bins, and each thread keeps at most window_cap of their keys (else it stops and
+  // reports an overflow). Null: no buffering.
+  const uint8_t* in_window = nullptr;
+  int64_t window_cap = 0;
 };
 
 // Pass-1 sink of the sampled two-pass path: top-digit histogram and per-bin log sums of the
@@ -409,6 +414,9 @@ struct TopTailSink {
   std::vector<int32_t> bin_of_value;
   std::vector<CompensatedSum> bin_log, bin_log_sq;  // [n_bins]
   uint64_t zeros = 0, infs = 0, nans = 0;
+  Bits* window = nullptr;  // [cfg->window_cap]: keys of the window bins (thread_window_buffer)
+  int64_t n_window = 0;
+  bool window_overflow = false;
 
   void init() {
     auto& store = thread_scratch<uint32_t, 4>();
@@ -422,6 +430,7 @@ struct TopTailSink {
       bin_log.assign(cfg->n_bins, CompensatedSum{});
       bin_log_sq.assign(cfg->n_bins, CompensatedSum{});
     }
+    if (cfg->in_window != nullptr) window = thread_window_buffer<Bits>(cfg->window_cap);
   }
   void consume(const Bits* p, int64_t n, int64_t stride) {
     const Bits lo = cfg->lo_key;
@@ -451,12 +460,34 @@ struct TopTailSink {
   void flush() {
     const int n = n_keys;
     const int64_t lo_bin = cfg->lo_bin;
-    for (int i = 0; i < n; ++i) {
-      const Bits key = keys[i];
-      const int64_t bin = static_cast<int64_t>(key >> L::kTopShift);
-      ++hist[bin];
-      bin_of_value[i] = static_cast<int32_t>(bin - lo_bin);
-      values[i] = Policy::value_of_key(key);
+    if (window != nullptr && n_window + n > cfg->window_cap) {
+      window_overflow = true;  // the caller resolves the ranks by a second pass instead
+      window = nullptr;
+    }
+    if (window != nullptr) {
+      // Every key is written and the position advances only inside the window bins
+      // (branch-free: about a third of the candidates are in them).
+      const uint8_t* __restrict in_window = cfg->in_window;
+      Bits* __restrict out = window;
+      int64_t w = n_window;
+      for (int i = 0; i < n; ++i) {
+        const Bits key = keys[i];
+        const int64_t bin = static_cast<int64_t>(key >> L::kTopShift);
+        ++hist[bin];
+        bin_of_value[i] = static_cast<int32_t>(bin - lo_bin);
+        values[i] = Policy::value_of_key(key);
+        out[w] = key;
+        w += in_window[bin - lo_bin];
+      }
+      n_window = w;
+    } else {
+      for (int i = 0; i < n; ++i) {
+        const Bits key = keys[i];
+        const int64_t bin = static_cast<int64_t>(key >> L::kTopShift);
+        ++hist[bin];
+        bin_of_value[i] = static_cast<int32_t>(bin - lo_bin);
+        values[i] = Policy::value_of_key(key);
+      }
     }
     n_keys = 0;
     if (!cfg->with_logs) return;

@@ -19,6 +19,7 @@
 #include <array>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <stdexcept>
@@ -236,6 +237,9 @@ class RadixEngine final : public OrderStatsEngine {
     // Per request, inclusive; hi_bin is kNoUpperBound for ranks above the sample's reach (its
     // largest few entries), which only the two-pass path can take.
     std::vector<int64_t> lo_bin, hi_bin;
+    // The sample's top-digit histogram and the entries each sampled entry stands for.
+    std::vector<uint64_t> sample_hist;
+    double population_per_sample = 0.0;
   };
   bool sample_windows(const std::vector<RankRequest>& requests, SampleWindows& windows) {
     if (total_ < kSampledMinEntries || requests.empty()) return false;
@@ -289,6 +293,8 @@ class RadixEngine final : public OrderStatsEngine {
       windows.hi_bin.push_back(sample_rank - spread < 1.0 ? kNoUpperBound
                                                           : bin_of_sample_rank(sample_rank - spread));
     }
+    windows.sample_hist = std::move(sample_hist);
+    windows.population_per_sample = n / s;
     return true;
   }
 
@@ -348,8 +354,17 @@ class RadixEngine final : public OrderStatsEngine {
     tcfg.lo_key = Bits(Bits(lo_bin) << kTopShift);
     tcfg.with_logs = with_log_sums;
     tcfg.log_ref = fast_log(Policy::value_of_key(tcfg.lo_key));
+    // Keys of the window bins are kept in pass 1 when the sample expects them to fit the
+    // budget: the last digit of the rank bins is then read from this buffer (a few percent of
+    // the data) instead of a second pass over all of it.
+    const int threads = max_threads();
+    std::vector<uint8_t> in_window;
+    if (plan_window_buffer(windows, lo_bin, tcfg.n_bins, threads, in_window)) {
+      tcfg.in_window = in_window.data();
+      tcfg.window_cap = window_buffer_bytes() / static_cast<int64_t>(sizeof(Bits)) / threads;
+    }
     top_hist_.assign(kTopBins, 0);
-    std::vector<TopTailSink> sinks(max_threads());
+    std::vector<TopTailSink> sinks(threads);
     for (auto& sink : sinks) sink.cfg = &tcfg;
     run_pass(sinks, [&](TopTailSink& sink) { sink.end_block(top_hist_); });
 
@@ -395,8 +410,24 @@ class RadixEngine final : public OrderStatsEngine {
     std::vector<Bits> bins(prefix.begin(), prefix.end());
     std::sort(bins.begin(), bins.end());
     bins.erase(std::unique(bins.begin(), bins.end()), bins.end());
+    bool buffered = tcfg.in_window != nullptr;
+    for (const auto& sink : sinks) {
+      buffered = buffered && !sink.window_overflow && (sink.n_window == 0 || sink.window);
+    }
+    for (Bits b : bins) buffered = buffered && in_window[static_cast<int64_t>(b) - lo_bin];
+    // Slots hold the row in 17 bits and row_of is 16-bit: far more ranks take the data pass.
+    buffered = buffered && bins.size() < 65535;
     PassResult pass;
-    select_pass(1, bins, /*with_logs=*/false, /*count_all=*/false, pass);
+    if (buffered) {
+      // Pass 2 over the buffered keys: every key of a rank bin is among them.
+      std::vector<KeyRun> runs;
+      for (auto& sink : sinks) {
+        if (sink.n_window > 0) runs.push_back({sink.window, sink.n_window});
+      }
+      histogram_buffered_bins(bins, runs, pass);
+    } else {
+      select_pass(1, bins, /*with_logs=*/false, /*count_all=*/false, pass);
+    }
     out.assign(requests.size(), RankResult{});
     descend(1, bins, pass, ranks, prefix, residual, out, log_ref,
             with_log_sums ? &sums : nullptr);
@@ -405,7 +436,38 @@ class RadixEngine final : public OrderStatsEngine {
 
 
 
+  // Marks the window bins from lo_bin up (in_window[bin - lo_bin]) and says whether their keys,
+  // as the sample estimates them, fit half the buffer budget (the other half absorbs uneven
+  // thread shares and sampling error; a thread that still overflows falls back to pass 2).
+  bool plan_window_buffer(const SampleWindows& windows, int64_t lo_bin, int64_t n_bins,
+                          int threads, std::vector<uint8_t>& in_window) const {
+    in_window.assign(static_cast<size_t>(n_bins), 0);
+    double expected = 0.0;
+    for (size_t t = 0; t < windows.lo_bin.size(); ++t) {
+      const int64_t hi = windows.hi_bin[t] == kNoUpperBound ? lo_bin + n_bins - 1
+                                                            : windows.hi_bin[t];
+      for (int64_t b = windows.lo_bin[t]; b <= hi; ++b) {
+        if (in_window[b - lo_bin]) continue;
+        in_window[b - lo_bin] = 1;
+        expected += static_cast<double>(windows.sample_hist[b]);
+      }
+    }
+    expected *= windows.population_per_sample;
+    const double capacity = static_cast<double>(window_buffer_bytes() / sizeof(Bits));
+    return threads > 0 && capacity > 0 && expected <= 0.5 * capacity;
+  }
+
+  // Budget of the window key buffer, all threads together: 48 MiB (1e8 Gaussian entries with 64
+  // log-spaced ks put about 4e6 keys, 16 MiB, in the windows), or
+  // GRADIENCE_WINDOW_BUFFER_MIB (0 turns the buffer off; the tests use it to reach every path).
+  static int64_t window_buffer_bytes() {
+    const char* env = std::getenv("GRADIENCE_WINDOW_BUFFER_MIB");
+    const double mib = env ? std::strtod(env, nullptr) : 48.0;
+    return mib > 0 ? static_cast<int64_t>(mib * 1048576.0) : 0;
+  }
+
   static constexpr int64_t kNoUpperBound = -1;
+
   static constexpr int64_t kSampledMinEntries = int64_t{1} << 22;
   static constexpr int64_t kSampleBlock = 4096;
   static constexpr int64_t kSampleBlocks = 256;  // 2^20 sampled entries at most
@@ -541,6 +603,89 @@ class RadixEngine final : public OrderStatsEngine {
     }
   }
 
+  struct KeyRun {
+    Bits* keys;  // overwritten by the histogramming
+    int64_t n;
+  };
+
+  // The last-digit histograms of the rank bins `bins` (ascending) from buffered keys, as
+  // select_pass(1, bins, false, false) would compute them over the whole data: pass.sub_total
+  // [m][digit_bins]. A counting sort by bin first, so that each bin's histogram (256 KiB) is
+  // built in cache by one thread. The runs' keys are overwritten with their (row, digit) slots.
+  void histogram_buffered_bins(const std::vector<Bits>& bins, const std::vector<KeyRun>& runs,
+                               PassResult& pass) const {
+    const int m = static_cast<int>(bins.size());
+    SelectConfig& cfg = pass.cfg;
+    cfg.prefix_shift = Policy::shift(0);
+    cfg.digit_shift = Policy::shift(1);
+    cfg.digit_bins = 1 << Policy::digit_width(1);
+    cfg.digit_mask = Bits(cfg.digit_bins - 1);
+    cfg.prefixes = bins.data();
+    cfg.m = m;
+    // row_of[prefix - bins.front()] = row + 1 for a rank bin, 0 otherwise.
+    const Bits base = bins.front();
+    std::vector<uint16_t> row_of(static_cast<size_t>(bins.back() - base) + 1, 0);
+    for (int j = 0; j < m; ++j) row_of[bins[j] - base] = static_cast<uint16_t>(j + 1);
+    const Bits first_key = Bits(base << cfg.prefix_shift);
+    const Bits key_span = Bits(((Bits(bins.back()) + 1) << cfg.prefix_shift) - 1 - first_key);
+    const int n_runs = static_cast<int>(runs.size());
+    // Per run: the slots (row, digit) of its keys in rank bins, written over the keys (a slot
+    // never overtakes the key it replaces), and their count per row.
+    static_assert(sizeof(Bits) == sizeof(uint32_t), "slots are written over 32-bit keys");
+    std::vector<int64_t> n_slots(n_runs, 0);
+    std::vector<std::vector<int64_t>> per_row(n_runs, std::vector<int64_t>(m + 1, 0));
+    const int digit_bits = Policy::digit_width(1);
+    parallel_blocks(n_runs, [&](int64_t r0, int64_t r1, int) {
+      for (int64_t r = r0; r < r1; ++r) {
+        Bits* keys = runs[r].keys;
+        uint32_t* out = keys;
+        int64_t* count = per_row[r].data();
+        int64_t w = 0;
+        for (int64_t i = 0; i < runs[r].n; ++i) {
+          const Bits key = keys[i];
+          const bool in_span = Bits(key - first_key) <= key_span;
+          const int row = in_span ? row_of[(key >> cfg.prefix_shift) - base] : 0;
+          out[w] = (static_cast<uint32_t>(row) << digit_bits) | uint32_t(key & cfg.digit_mask);
+          w += row != 0;
+          ++count[row];
+        }
+        n_slots[r] = w;
+      }
+    });
+    // Grouped by row (1-based in the slots), runs in order within a row.
+    std::vector<int64_t> start(static_cast<size_t>(m + 1) * n_runs + 1, 0);
+    int64_t total = 0;
+    for (int j = 1; j <= m; ++j) {
+      for (int r = 0; r < n_runs; ++r) {
+        start[static_cast<size_t>(j) * n_runs + r] = total;
+        total += per_row[r][j];
+      }
+    }
+    std::vector<uint32_t>& grouped = thread_scratch<uint32_t, 5>();
+    grouped.resize(static_cast<size_t>(total));
+    parallel_blocks(n_runs, [&](int64_t r0, int64_t r1, int) {
+      for (int64_t r = r0; r < r1; ++r) {
+        std::vector<int64_t> next(m + 1);
+        for (int j = 1; j <= m; ++j) next[j] = start[static_cast<size_t>(j) * n_runs + r];
+        for (int64_t i = 0; i < n_slots[r]; ++i) {
+          const uint32_t slot = runs[r].keys[i];
+          grouped[next[slot >> digit_bits]++] = slot;
+        }
+      }
+    });
+    const size_t row_width = static_cast<size_t>(cfg.digit_bins);
+    pass.sub_total.resize(static_cast<size_t>(m) * row_width);
+    parallel_blocks(m, [&](int64_t j0, int64_t j1, int) {
+      for (int64_t j = j0; j < j1; ++j) {
+        uint64_t* row = pass.sub_total.data() + static_cast<size_t>(j) * row_width;
+        std::fill(row, row + row_width, 0);
+        const int64_t begin = start[static_cast<size_t>(j + 1) * n_runs];
+        const int64_t end = j + 1 < m ? start[static_cast<size_t>(j + 2) * n_runs] : total;
+        for (int64_t i = begin; i < end; ++i) ++row[grouped[i] & cfg.digit_mask];
+      }
+    });
+  }
+
   // One refinement level: histogram the digit of `level` inside the current rank bins, then
   // move every rank one digit down. On the last level with log sums, also the tail sums.
   void refine(int level, bool with_logs, const std::vector<int64_t>& ranks,
@@ -579,20 +724,23 @@ class RadixEngine final : public OrderStatsEngine {
     // Move each rank one digit down.
     std::vector<int> bin_of_rank(n_ranks);
     std::vector<int> digit_of_rank(n_ranks);
-    for (int t = 0; t < n_ranks; ++t) {
-      const int j = lower_bound_index(bins.data(), m, prefix[t]);
-      const uint64_t* h = sub_total.data() + static_cast<size_t>(j) * cfg.digit_bins;
-      int64_t above = 0;
-      int d = cfg.digit_bins - 1;
-      while (d > 0 && above + static_cast<int64_t>(h[d]) < residual[t]) {
-        above += static_cast<int64_t>(h[d]);
-        --d;
+    // Ranks walk their bins independently (up to 2^15 digits each): shared out over threads.
+    parallel_blocks(n_ranks, [&](int64_t t0, int64_t t1, int) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int j = lower_bound_index(bins.data(), m, prefix[t]);
+        const uint64_t* h = sub_total.data() + static_cast<size_t>(j) * cfg.digit_bins;
+        int64_t above = 0;
+        int d = cfg.digit_bins - 1;
+        while (d > 0 && above + static_cast<int64_t>(h[d]) < residual[t]) {
+          above += static_cast<int64_t>(h[d]);
+          --d;
+        }
+        residual[t] -= above;
+        prefix[t] = Bits((Bits(prefix[t]) << Policy::digit_width(level)) | Bits(d));
+        bin_of_rank[t] = j;
+        digit_of_rank[t] = d;
       }
-      residual[t] -= above;
-      prefix[t] = Bits((Bits(prefix[t]) << Policy::digit_width(level)) | Bits(d));
-      bin_of_rank[t] = j;
-      digit_of_rank[t] = d;
-    }
+    });
     if (level != kLevels - 1) return;
 
     for (int t = 0; t < n_ranks; ++t) {
