@@ -7,9 +7,11 @@ Importing the package loads the compiled extension ``_C`` (which registers every
 import torch  # noqa: F401  (loads libtorch/libc10, which _C links against)
 
 from . import _C  # noqa: F401  (must come before any torch.library call: registers the ops)
-from . import tail
-from .tail import *  # noqa: F401,F403  (the public API, listed once in tail.__all__)
+from . import tail, tail_fits, tail_inference
+from .tail import *  # noqa: F401,F403  (the public API, listed once in each module's __all__)
+from .tail_fits import *  # noqa: F401,F403
+from .tail_inference import *  # noqa: F401,F403
 
 __version__ = "0.1.0"
 
-__all__ = list(tail.__all__)
+__all__ = list(tail.__all__) + list(tail_fits.__all__) + list(tail_inference.__all__)

@@ -133,7 +133,8 @@ def fit_gpd(x: TensorOrList, k: int | None = None, *, k_ratio: float | None = No
     y = top - u
     if y.size < 2:
         raise ValueError(
-            f"fit_gpd needs at least 2 values above X(k+1)={u} for k={kk}, got {y.size} (ties)")
+            f"fit_gpd needs at least 2 exceedances (values above X(k+1)={u}) for k={kk}, got "
+            f"{y.size} (entries tied with X(k+1) are not exceedances)")
     xi, sigma, loglik = gpd_mle(y)
     n_used = y.size
     return GPDFit(

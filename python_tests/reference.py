@@ -112,3 +112,44 @@ def kth_smallest(x, ranks: Sequence[int]) -> np.ndarray:
 
 def kth_largest_abs(x, ranks: Sequence[int]) -> np.ndarray:
     return tail_sorted(x)[np.asarray(ranks) - 1]
+
+
+# --------------------------------------------------------------------------- tail fits
+def gpd_fit(y) -> tuple[float, float]:
+    """scipy.stats.genpareto.fit(y, floc=0) with a tight Nelder-Mead (its default stops at
+    xtol = ftol = 1e-4, looser than the 1e-6 these tests compare at). Returns (xi, sigma)."""
+    from scipy import optimize, stats
+
+    def tight(func, x0, args=(), disp=0):
+        return optimize.fmin(func, x0, args=args, xtol=1e-12, ftol=1e-12, maxiter=20000,
+                             maxfun=40000, disp=0)
+
+    xi, _, sigma = stats.genpareto.fit(np.asarray(y, dtype=np.float64), floc=0, optimizer=tight)
+    return float(xi), float(sigma)
+
+
+def gpd_loglik(y, xi: float, sigma: float) -> float:
+    from scipy import stats
+
+    return float(np.sum(stats.genpareto.logpdf(np.asarray(y, dtype=np.float64), xi, 0, sigma)))
+
+
+def stable_fitstart(x) -> tuple[float, float, float, float]:
+    """scipy.stats.levy_stable._fitstart (McCulloch 1986, S1): (alpha, beta, loc, scale)."""
+    from scipy import stats
+
+    return tuple(float(v) for v in stats.levy_stable._fitstart(as_float64(x)))
+
+
+def vuong_power_law_vs_exponential(x_above, u: float) -> tuple[float, float]:
+    """(R, p) of Vuong's test with SciPy's Pareto and exponential densities above u, MLEs in
+    closed form (Clauset-Shalizi-Newman 2009, eq. 3.1 and section 5)."""
+    from scipy import special, stats
+
+    x = np.asarray(x_above, dtype=np.float64)
+    a = x.size / np.sum(np.log(x / u))
+    scale = np.mean(x - u)
+    d = stats.pareto.logpdf(x, a, scale=u) - stats.expon.logpdf(x, loc=u, scale=scale)
+    r = float(np.sum(d))
+    z = r / (np.std(d) * np.sqrt(x.size))
+    return r, float(special.erfc(abs(z) / np.sqrt(2)))
