@@ -20,4 +20,11 @@ TORCH_LIBRARY(gradience, m) {
   m.def("order_statistics(Tensor[] xs, int[] ranks, bool absolute) -> Tensor");
   // numpy.quantile / torch.quantile of the sample for each q, in the input dtype.
   m.def("quantile(Tensor[] xs, float[] q, str interpolation) -> Tensor");
+  // Bootstrap statistics of the double-bootstrap choice of k, float64 [n_resamples, 2, len(ks)]:
+  // for resamples of size m drawn with replacement from the values whose sorted logs are `logs`
+  // (descending), the Hill statistic (M2 - 2 M1^2)^2 and the moment statistic (xi2 - xi3)^2 at
+  // each k (see csrc/tail/bootstrap_kernels.h). Resample b uses stream (seed, first_resample + b).
+  m.def(
+      "bootstrap_tail_statistics(Tensor logs, int m, int[] ks, int n_resamples, int seed, "
+      "int first_resample) -> Tensor");
 }

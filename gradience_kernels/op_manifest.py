@@ -48,6 +48,12 @@ MANIFEST: list[OpSample] = [
         lambda d: ([_heavy(5000, d)], [0.0, 0.25, 0.5, 0.99, 1.0], "linear"),
         "linear quantiles of a float32 tensor",
     ),
+    OpSample(
+        "bootstrap_tail_statistics",
+        lambda d: (torch.sort(_heavy(500, torch.device("cpu"), torch.float64).abs().log(),
+                              descending=True).values, 300, [20, 50, 299], 7, 3, 0),
+        "Hill and moment statistics of 7 resamples of 300, ks without NaN (CPU only)",
+    ),
 ]
 
 
