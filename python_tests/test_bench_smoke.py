@@ -11,7 +11,8 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_tail.py"
 def test_bench_tail_smoke(tmp_path):
     out = subprocess.run(
         [sys.executable, str(BENCH), "--sizes", "2e5", "--quick", "--memory-n", "1e6",
-         "--out", "smoke", "--out-dir", str(tmp_path)],
+         "--suite-sizes", "3000", "--reference-seeds", "2", "--out", "smoke",
+         "--out-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr
@@ -22,3 +23,8 @@ def test_bench_tail_smoke(tmp_path):
     assert all(r["alpha_rel_diff"] < 1e-9 for r in hill)
     assert payload["peak_extra_memory"]["extra_mib"] < 64
     assert payload["machine"]["torch"]
+    suite = {r["name"]: r for r in payload["suite_rows"]}
+    boot = suite["tail_index double bootstrap, n=3e+03"]
+    assert boot["speedup"] > 1 and len(boot["reference_k_hill"]) == 2
+    assert suite["fit_stable (McCulloch), n=1e+05 fp64"]["max_abs_param_diff"] < 1e-9
+    assert all(r["xi_rel_diff"] < 1e-3 for n, r in suite.items() if n.startswith("fit_gpd"))
