@@ -20,6 +20,17 @@ TORCH_LIBRARY(gradience, m) {
   m.def("order_statistics(Tensor[] xs, int[] ranks, bool absolute) -> Tensor");
   // numpy.quantile / torch.quantile of the sample for each q, in the input dtype.
   m.def("quantile(Tensor[] xs, float[] q, str interpolation) -> Tensor");
+  // The radix descent's passes, for exact results across processes (their histograms and sums
+  // add, so torch.distributed.all_reduce merges them): pass 1, the top-digit histogram of the
+  // keys (|x| if absolute, else signed) [2^16, or 2^15 for |x| of 16-bit floats] and the counts
+  // (n_eff, n_zero, n_nan, n_inf); a later pass at `level` over ascending prefix `bins` of level
+  // - 1: digit histograms [len(bins), 2^digit_width] and, with log sums, the bucket sums of
+  // y = log|x| - log_ref [len(bins) + 1] over the other entries above bins[0] (bucket j between
+  // bins[j-1] and bins[j], bucket len(bins) above all), and log_ref (0-dim).
+  m.def("tail_histogram(Tensor[] xs, bool absolute) -> (Tensor hist, Tensor counts)");
+  m.def(
+      "tail_level_pass(Tensor[] xs, bool absolute, int level, int[] bins, bool with_log_sums) "
+      "-> (Tensor sub_hist, Tensor bucket_log, Tensor bucket_log_sq, Tensor log_ref)");
   // Bootstrap statistics of the double-bootstrap choice of k, float64 [n_resamples, 2, len(ks)]:
   // for resamples of size m drawn with replacement from the values whose sorted logs are `logs`
   // (descending), the Hill statistic (M2 - 2 M1^2)^2 and the moment statistic (xi2 - xi3)^2 at

@@ -49,6 +49,17 @@ MANIFEST: list[OpSample] = [
         "linear quantiles of a float32 tensor",
     ),
     OpSample(
+        "tail_histogram",
+        lambda d: ([_heavy(3000, d), _heavy(100, d, seed=4).reshape(10, 10).t()], True),
+        "top-digit histogram of |x| keys over a two-tensor float32 sample",
+    ),
+    OpSample(
+        "tail_level_pass",
+        lambda d: ([_heavy(3000, d, torch.float64)], True, 2, [16383 * 65536 + 1, 16384 * 65536],
+                   True),
+        "a float64 level-2 pass over two prefixes with log sums",
+    ),
+    OpSample(
         "bootstrap_tail_statistics",
         lambda d: (torch.sort(_heavy(500, torch.device("cpu"), torch.float64).abs().log(),
                               descending=True).values, 300, [20, 50, 299], 7, 3, 0),

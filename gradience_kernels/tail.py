@@ -65,6 +65,28 @@ def _order_statistics_fake(xs, ranks, absolute):
     return xs[0].new_empty((len(ranks),), dtype=torch.float64)
 
 
+_TOP_BINS = {torch.float16: 1 << 15, torch.bfloat16: 1 << 15}
+
+
+@torch.library.register_fake("gradience::tail_histogram")
+def _tail_histogram_fake(xs, absolute):
+    bins = _TOP_BINS.get(xs[0].dtype, 1 << 16) if absolute else 1 << 16
+    return xs[0].new_empty((bins,), dtype=torch.int64), xs[0].new_empty((4,), dtype=torch.int64)
+
+
+@torch.library.register_fake("gradience::tail_level_pass")
+def _tail_level_pass_fake(xs, absolute, level, bins, with_log_sums):
+    width = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 32, torch.float64: 64}[
+        xs[0].dtype] - (1 if absolute else 0)
+    levels = (width + 15) // 16
+    digit = width - 16 * (levels - 1) if level == levels - 1 else 16
+    m = len(bins)
+    return (xs[0].new_empty((m, 1 << digit), dtype=torch.int64),
+            xs[0].new_empty((m + 1,), dtype=torch.float64),
+            xs[0].new_empty((m + 1,), dtype=torch.float64),
+            xs[0].new_empty((), dtype=torch.float64))
+
+
 @torch.library.register_fake("gradience::quantile")
 def _quantile_fake(xs, q, interpolation):
     return xs[0].new_empty((len(q),))
@@ -162,16 +184,28 @@ def tail_stats(
     k_ratios: Sequence[float] = (),
     *,
     per_tensor: bool = False,
+    process_group=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused primitive: rows (k, X(k+1), X(k), S1, S2, H1, H2) and counts.
 
     S1(k) = sum_{i<=k} log X(i), S2(k) = sum_{i<=k} log^2 X(i); H1, H2 the same centred at
     log X(k+1). k_ratios give k = floor(k_ratio * n_eff). counts = (n_eff, n_zero, n_nan, n_inf).
     With ``per_tensor=True`` each tensor of the list is its own sample (leading dim len(x)).
+
+    ``process_group`` (torch.distributed): the sample is the union of every process's x (each
+    process passes its shard; with ``per_tensor`` tensor i of every process is one sample), and
+    every process gets the exact global result, from merged histograms (see ``distributed``).
     """
     xs = _as_sample(x)
     ks = [int(k) for k in ks]
     k_ratios = [float(r) for r in k_ratios]
+    if process_group is not None:
+        from . import distributed
+
+        if not per_tensor:
+            return distributed.tail_stats(xs, ks, k_ratios, process_group)
+        parts = [distributed.tail_stats([t], ks, k_ratios, process_group) for t in xs]
+        return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
     if per_tensor:
         return torch.ops.gradience.tail_stats_per_tensor(xs, ks, k_ratios)
     return torch.ops.gradience.tail_stats(xs, ks, k_ratios)
@@ -208,6 +242,7 @@ def hill(
     *,
     k_ratio: float | None = None,
     per_tensor: bool = False,
+    process_group=None,
 ) -> HillResult:
     """Hill (1975) tail index of |x| from its k largest finite nonzero entries.
 
@@ -217,17 +252,18 @@ def hill(
     Give exactly one of ``k`` (1 <= k < n_eff) or ``k_ratio`` in (0, 1), which takes
     k = floor(k_ratio * n_eff). ``x`` is a tensor or a list of tensors read as one sample; with
     ``per_tensor=True`` a list gives one estimate per tensor (fields of shape [len(x)]).
+    ``process_group``: the exact estimate of the union of every process's x (see tail_stats).
 
     Reference: B. M. Hill, "A simple general approach to inference about the tail of a
     distribution", Ann. Statist. 3 (1975) 1163-1174.
     """
     ks, ratios = _k_arguments(k, k_ratio)
-    rows, counts = tail_stats(x, ks, ratios, per_tensor=per_tensor)
-    result = _hill_from_rows(rows[..., 0, :], counts)
-    return result
+    rows, counts = tail_stats(x, ks, ratios, per_tensor=per_tensor, process_group=process_group)
+    return _hill_from_rows(rows[..., 0, :], counts)
 
 
-def hill_plot(x: TensorOrList, ks: Sequence[int] | torch.Tensor) -> HillResult:
+def hill_plot(x: TensorOrList, ks: Sequence[int] | torch.Tensor, *,
+              process_group=None) -> HillResult:
     """Hill estimates for many k from one pass family (fields are 1-D, one entry per k).
 
     Same definitions as :func:`hill`; every k must satisfy 1 <= k < n_eff.
@@ -240,7 +276,7 @@ def hill_plot(x: TensorOrList, ks: Sequence[int] | torch.Tensor) -> HillResult:
     for i, k in enumerate(ks):
         if isinstance(k, bool) or not isinstance(k, int):
             raise TypeError(f"ks[{i}]: expected an int, got {k!r}")
-    rows, counts = tail_stats(x, ks, ())
+    rows, counts = tail_stats(x, ks, (), process_group=process_group)
     res = _hill_from_rows(rows, counts)
     return res._replace(
         n_eff=res.n_eff.expand(len(ks)),
@@ -265,6 +301,7 @@ def moment_estimator(
     *,
     k_ratio: float | None = None,
     per_tensor: bool = False,
+    process_group=None,
 ) -> MomentResult:
     """Moment estimator of the extreme-value index (Dekkers, Einmahl, de Haan 1989).
 
@@ -278,7 +315,7 @@ def moment_estimator(
     of an extreme-value distribution", Ann. Statist. 17 (1989) 1833-1855.
     """
     ks, ratios = _k_arguments(k, k_ratio)
-    rows, counts = tail_stats(x, ks, ratios, per_tensor=per_tensor)
+    rows, counts = tail_stats(x, ks, ratios, per_tensor=per_tensor, process_group=process_group)
     rows = rows[..., 0, :]
     kk = rows[..., _ROW["k"]]
     m1 = rows[..., _ROW["h1"]] / kk
@@ -304,6 +341,7 @@ def pickands(
     k: int | None = None,
     *,
     k_ratio: float | None = None,
+    process_group=None,
 ) -> PickandsResult:
     """Pickands (1975) estimator: gamma = log((X(k) - X(2k)) / (X(2k) - X(4k))) / log 2.
 
@@ -316,16 +354,16 @@ def pickands(
     ks, ratios = _k_arguments(k, k_ratio)
     xs = _as_sample(x)
     if ratios:
-        rows, _ = torch.ops.gradience.tail_stats(xs, [], ratios)
+        rows, _ = tail_stats(xs, [], ratios, process_group=process_group)
         kk = int(rows[0, _ROW["k"]].item())
     else:
         kk = ks[0]
     n_total = sum(t.numel() for t in xs)
-    if 4 * kk > n_total:
+    if process_group is None and 4 * kk > n_total:
         raise ValueError(f"pickands needs 4k <= n_eff, got k={kk} for a sample of {n_total}")
     # X(4k) is X(k'+1) for k' = 4k - 1, and k' < n_eff is exactly 4k <= n_eff.
     try:
-        rows, counts = torch.ops.gradience.tail_stats(xs, [kk, 2 * kk, 4 * kk - 1], [])
+        rows, counts = tail_stats(xs, [kk, 2 * kk, 4 * kk - 1], [], process_group=process_group)
     except ValueError as err:
         raise ValueError(f"pickands needs 4k <= n_eff, got k={kk}: {err}") from None
     x_k = rows[0, _ROW["x_k"]]
@@ -350,6 +388,8 @@ def quantile(
     x: TensorOrList,
     q: float | Sequence[float] | torch.Tensor,
     interpolation: str = "linear",
+    *,
+    process_group=None,
 ) -> torch.Tensor:
     """Quantiles of the values of x (signed, all entries), as torch.quantile/numpy.quantile.
 
@@ -379,11 +419,50 @@ def quantile(
     for i, v in enumerate(qs):
         if not (0.0 <= v <= 1.0):
             raise ValueError(f"q[{i}]: q must be in [0, 1], got q={v}")
+    if process_group is not None:
+        return _quantile_distributed(xs, qs, interpolation, process_group).reshape(shape)
     return torch.ops.gradience.quantile(xs, qs, interpolation).reshape(shape)
 
 
+def _quantile_distributed(xs, qs, mode, group) -> torch.Tensor:
+    """numpy.quantile's positions and lerp over the global sample's signed order statistics."""
+    import torch.distributed as dist
+
+    from . import distributed
+
+    n = torch.tensor([sum(t.numel() for t in xs)], dtype=torch.int64)
+    dist.all_reduce(n, group=group)
+    n = int(n)
+    plan = []
+    for q in qs:
+        h = (n - 1) * q
+        lo, hi = math.floor(h), math.ceil(h)
+        if mode == "linear":
+            plan.append((lo, min(lo + 1, n - 1), h - lo))
+        elif mode == "lower":
+            plan.append((lo, lo, 0.0))
+        elif mode == "higher":
+            plan.append((hi, hi, 0.0))
+        elif mode == "nearest":
+            r = round(h)  # Python rounds half to even, as numpy
+            plan.append((r, r, 0.0))
+        else:
+            plan.append((lo, hi, 0.0 if lo == hi else 0.5))
+    ranks = sorted({i + 1 for a, b, _ in plan for i in (a, b)})
+    values = dict(zip(ranks, distributed.order_statistics(xs, ranks, False, group).tolist()))
+    out = []
+    for a, b, t in plan:
+        va, vb = values[a + 1], values[b + 1]
+        if mode in ("linear", "midpoint"):
+            out.append(vb - (vb - va) * (1.0 - t) if t >= 0.5 else va + (vb - va) * t)
+        else:
+            out.append(va)
+    return torch.tensor(out, dtype=torch.float64).to(xs[0].dtype)
+
+
 def order_statistics(
-    x: TensorOrList, ranks: Sequence[int] | torch.Tensor, *, absolute: bool = True
+    x: TensorOrList, ranks: Sequence[int] | torch.Tensor, *, absolute: bool = True,
+    process_group=None,
 ) -> torch.Tensor:
     """Order statistics at 1-based ranks, float64, exact for any sample size.
 
@@ -395,4 +474,8 @@ def order_statistics(
     if isinstance(ranks, torch.Tensor):
         ranks = ranks.tolist()
     ranks = [int(r) for r in ranks]
+    if process_group is not None:
+        from . import distributed
+
+        return distributed.order_statistics(xs, ranks, bool(absolute), process_group)
     return torch.ops.gradience.order_statistics(xs, ranks, bool(absolute))

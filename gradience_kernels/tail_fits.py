@@ -285,10 +285,16 @@ def stable_from_quantiles(q05: float, q25: float, q50: float, q75: float, q95: f
                      quantiles=(q05, q25, q50, q75, q95))
 
 
-def _quantiles_float64(xs, qs) -> list[float]:
+def _quantiles_float64(xs, qs, process_group=None) -> list[float]:
     """numpy.quantile's 'linear' quantiles of the signed sample, from exact order statistics,
     with positions and interpolation in float64 whatever the input dtype."""
     n = sum(t.numel() for t in xs)
+    if process_group is not None:
+        import torch.distributed as dist
+
+        total = torch.tensor([n], dtype=torch.int64)
+        dist.all_reduce(total, group=process_group)
+        n = int(total)
     ranks, plan = set(), []
     for q in qs:
         h = (n - 1) * q
@@ -297,7 +303,12 @@ def _quantiles_float64(xs, qs) -> list[float]:
         plan.append((lo, hi, h - lo))
         ranks.update((lo + 1, hi + 1))
     ordered = sorted(ranks)
-    values = torch.ops.gradience.order_statistics(xs, ordered, False).tolist()
+    if process_group is not None:
+        from . import distributed
+
+        values = distributed.order_statistics(xs, ordered, False, process_group).tolist()
+    else:
+        values = torch.ops.gradience.order_statistics(xs, ordered, False).tolist()
     at = dict(zip(ordered, values))
     out = []
     for lo, hi, t in plan:
@@ -307,17 +318,19 @@ def _quantiles_float64(xs, qs) -> list[float]:
     return out
 
 
-def fit_stable(x: TensorOrList) -> StableFit:
+def fit_stable(x: TensorOrList, *, process_group=None) -> StableFit:
     """alpha-stable parameters of the values of x (signed) by McCulloch's quantile method.
 
     The five quantiles come from the exact order-statistics op (no sort, any size), so the
     estimates equal scipy.stats.levy_stable._fitstart on the same data (up to rounding).
+    ``process_group``: the fit of the union of every process's x (merged histograms).
     """
     xs = _as_sample(x)
     n = sum(t.numel() for t in xs)
-    if n < 2:
+    if n < 2 and process_group is None:
         raise ValueError(f"fit_stable needs at least 2 values, got {n}")
-    q05, q25, q50, q75, q95 = _quantiles_float64(xs, (0.05, 0.25, 0.5, 0.75, 0.95))
+    q05, q25, q50, q75, q95 = _quantiles_float64(xs, (0.05, 0.25, 0.5, 0.75, 0.95),
+                                                 process_group)
     if not all(math.isfinite(v) for v in (q05, q25, q50, q75, q95)):
         raise ValueError("fit_stable: the sample holds NaN (its quantiles are NaN)")
     if q75 == q25 or q95 == q05:

@@ -187,6 +187,30 @@ class RadixEngine final : public OrderStatsEngine {
     }
   }
 
+  const std::vector<uint64_t>& top_histogram() const override {
+    if (!counted_) throw std::logic_error("OrderStatsEngine::top_histogram before count");
+    return top_hist_;
+  }
+
+  void level_pass(int level, const std::vector<int64_t>& bins, bool with_log_sums,
+                  LevelPass& out) override {
+    if (level < 1 || level >= kLevels) throw std::invalid_argument("level out of range");
+    if constexpr (!Policy::kAbs) {
+      if (with_log_sums) throw std::logic_error("log sums need |x| keys");
+    }
+    std::vector<Bits> prefixes(bins.begin(), bins.end());
+    PassResult pass;
+    select_pass(level, prefixes, with_log_sums, /*count_all=*/false, pass);
+    const size_t m = prefixes.size();
+    out.digit_bins = pass.cfg.digit_bins;
+    out.sub_total.assign(pass.sub_total.begin(),
+                         pass.sub_total.begin() + m * static_cast<size_t>(out.digit_bins));
+    out.bucket_count = pass.bucket_count;
+    out.bucket_log = pass.bucket_log;
+    out.bucket_log_sq = pass.bucket_log_sq;
+    out.log_ref = pass.cfg.log_ref;
+  }
+
  private:
   void set_abs_counts(uint64_t zeros, uint64_t infs, uint64_t nans) {
     counts_.n_zero = static_cast<int64_t>(zeros);

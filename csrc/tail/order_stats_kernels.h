@@ -38,9 +38,27 @@ struct RankRequest {
   int64_t offset = 0;
 };
 
+// One selection pass of the radix descent, exposed for merging across processes (histograms
+// add): the digit histograms of `level` inside the given prefix bins of the level above, and,
+// with log sums, the counts and sums of y = log|x| - log_ref of the entries above the lowest
+// bin that are not in a bin, by bucket (bucket j: prefixes between bins[j-1] and bins[j];
+// bucket m: above every bin).
+struct LevelPass {
+  int digit_bins = 0;
+  std::vector<uint64_t> sub_total;      // [m][digit_bins]
+  std::vector<uint64_t> bucket_count;   // [m + 1]
+  std::vector<double> bucket_log, bucket_log_sq;  // [m + 1], with log sums
+  double log_ref = 0.0;
+};
+
 class OrderStatsEngine {
  public:
   virtual ~OrderStatsEngine() = default;
+  // The top-digit histogram of pass 1 (count()), [2^digit_width(0)].
+  virtual const std::vector<uint64_t>& top_histogram() const = 0;
+  // One pass at `level` >= 1 over the ascending, distinct prefixes `bins` of level - 1.
+  virtual void level_pass(int level, const std::vector<int64_t>& bins, bool with_log_sums,
+                          LevelPass& out) = 0;
   // Pass 1: histogram of the top key digit and the counts. Call once, before resolve().
   virtual const SampleCounts& count() = 0;
   // Resolves descending ranks, each in [1, n_eff] (the caller checks). With log sums (|x| mode
