@@ -9,7 +9,7 @@ Differences, stated: the bootstraps draw from their own seeded streams (``seed``
 one seed drawn from NumPy's global generator, so ``np.random.seed`` still makes runs
 repeatable), not from ``np.random.choice``, so k* agrees with the scripts' k* within the
 bootstrap's own spread, not bitwise; their AMSE curves (``diagn_plots``) are evaluated on every
-k up to 2000 and on a 1% grid above (NaN elsewhere); kernel-type estimates at bandwidths with no
+k up to 2000 and on a 0.1% grid above (NaN elsewhere); kernel-type estimates at bandwidths with no
 term (floor(n h) <= 1) are NaN where the scripts read a wrapped array index.
 
 Reference: I. Voitalov, P. van der Hoorn, R. van der Hofstad, D. Krioukov, "Scale-free networks
