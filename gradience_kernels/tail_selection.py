@@ -292,7 +292,8 @@ def tail_index(
     gamma +- z sqrt(v(gamma)/k). alpha: Hill at the Hill double-bootstrap k*. Verdict:
       - "bounded" if the whole gamma interval lies below -tolerance;
       - "power-law" if it lies above +tolerance and Vuong's test on the exceedances over
-        X(k_hill+1) does not significantly favour the exponential (p >= 1 - level or R > 0);
+        X(k_hill+1) does not significantly favour the exponential (not: R < 0 with
+        p < 1 - level; no test with fewer than 2 exceedances);
       - "exponential-type" otherwise (gamma indistinguishable from the band |gamma| <=
         tolerance).
     The band absorbs the moment estimator's bias in the Gumbel domain, whose convergence is
@@ -318,12 +319,15 @@ def tail_index(
     h = hill(xs, hill_db.k_star)
     alpha = float(h.alpha)
     u = float(h.threshold)
-    above = torch.exp(logs[: hill_db.k_star]).numpy()
-    above = above[above > u]
-    lr = power_law_vs_exponential(above, u)
+    # The exceedances' exact values (exp(log x) could move a value tied with u above it).
+    above = _sample.exceedances(xs, u).numpy()
+    if above.size >= 2:
+        lr = power_law_vs_exponential(above, u)
+    else:  # ties at the threshold leave no test to run
+        lr = LikelihoodRatio(math.nan, math.nan, math.nan, int(above.size), math.nan, math.nan)
     if g_iv.high < -tolerance:
         verdict = "bounded"
-    elif g_iv.low > tolerance and (lr.ratio > 0 or lr.p_value >= 1 - level):
+    elif g_iv.low > tolerance and not (lr.ratio < 0 and lr.p_value < 1 - level):
         verdict = "power-law"
     else:
         verdict = "exponential-type"
