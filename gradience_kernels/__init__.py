@@ -7,7 +7,7 @@ Importing the package loads the compiled extension ``_C`` (which registers every
 import torch  # noqa: F401  (loads libtorch/libc10, which _C links against)
 
 from . import _C  # noqa: F401  (must come before any torch.library call: registers the ops)
-from . import tail, tail_fits, tail_inference, tail_selection
+from . import tail, tail_fits, tail_inference, tail_selection, tail_triton  # noqa: F401
 from .tail import *  # noqa: F401,F403  (the public API, listed once in each module's __all__)
 from .tail_fits import *  # noqa: F401,F403
 from .tail_inference import *  # noqa: F401,F403

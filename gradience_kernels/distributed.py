@@ -87,17 +87,37 @@ def _walk(hist: torch.Tensor, top: int, ranks: Sequence[int]) -> list[tuple[int,
     return out
 
 
+class _LibraryPasses:
+    """The passes of the C++ library (CPU)."""
+
+    @staticmethod
+    def histogram(xs, absolute):
+        for i, t in enumerate(xs):
+            if t.device.type != "cpu":
+                raise ValueError(f"xs[{i}]: the C++ passes take CPU tensors, got device "
+                                 f"{t.device} (backend='triton' runs on CUDA)")
+        return torch.ops.gradience.tail_histogram(xs, absolute)
+
+    @staticmethod
+    def level_pass(xs, absolute, level, bins, with_log_sums):
+        return torch.ops.gradience.tail_level_pass(xs, absolute, level, bins, with_log_sums)
+
+
+LIBRARY_PASSES = _LibraryPasses()
+
+
 class _Descent:
     """Exact keys of descending ranks over a (possibly sharded) sample, with the last pass kept
-    for the log sums."""
+    for the log sums. ``passes``: the histogram passes (C++ library or Triton), whose CPU
+    results are merged across processes and walked here."""
 
-    def __init__(self, xs: list[torch.Tensor], absolute: bool, group):
-        self.xs, self.absolute, self.group = xs, absolute, group
+    def __init__(self, xs: list[torch.Tensor], absolute: bool, group, passes=LIBRARY_PASSES):
+        self.xs, self.absolute, self.group, self.passes = xs, absolute, group, passes
         dtypes = {t.dtype for t in xs}
         if len(dtypes) != 1:
             raise TypeError(f"xs: expected one dtype, got {sorted(map(str, dtypes))}")
         self.layout = _Layout(xs[0].dtype, absolute)
-        hist, counts = torch.ops.gradience.tail_histogram(xs, absolute)
+        hist, counts = passes.histogram(xs, absolute)
         _all_reduce([hist, counts], group)
         self.hist, self.counts = hist, counts
         self.last = None  # (bins, sub_hist, bucket_log, bucket_log_sq, log_ref)
@@ -111,8 +131,8 @@ class _Descent:
             bins = sorted({p for p, _ in state})
             last = level == lay.levels - 1
             sums = with_log_sums and last
-            sub, blog, blog2, ref = torch.ops.gradience.tail_level_pass(
-                self.xs, self.absolute, level, bins, sums)
+            sub, blog, blog2, ref = self.passes.level_pass(self.xs, self.absolute, level, bins,
+                                                           sums)
             _all_reduce([sub, blog, blog2] if sums else [sub], self.group)
             if last:
                 self.last = (bins, sub, blog, blog2, float(ref))
@@ -167,12 +187,10 @@ def _rank_sums(descent: _Descent, keys: list[int], ref_key: int):
 
 
 def tail_stats(xs: list[torch.Tensor], ks: Sequence[int], k_ratios: Sequence[float],
-               group) -> tuple[torch.Tensor, torch.Tensor]:
-    """``gradience::tail_stats`` of the union of every process's ``xs`` (see module doc)."""
-    for t in xs:
-        if t.device.type != "cpu":
-            raise ValueError(f"xs: the distributed path runs on CPU tensors, got device {t.device}")
-    descent = _Descent(xs, True, group)
+               group, passes=LIBRARY_PASSES) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gradience::tail_stats`` of the union of every process's ``xs`` (see module doc); with
+    ``group=None``, of this process's xs alone. Results are CPU tensors."""
+    descent = _Descent(xs, True, group, passes)
     n_eff, n_zero, n_nan, n_inf = (int(v) for v in descent.counts.tolist())
     all_ks = []
     for i, k in enumerate(ks):

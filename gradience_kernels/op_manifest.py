@@ -15,9 +15,16 @@ import torch
 
 @dataclass(frozen=True)
 class OpSample:
-    name: str  # the op's qualified name without namespace, e.g. "tail_stats"
+    name: str  # the op's name without namespace, e.g. "tail_stats"
     make_args: Callable[[torch.device], tuple]
     description: str
+    namespace: str = "gradience"  # "gradience_triton": the Triton custom ops (tail_triton.py)
+    # Devices with a kernel: the C++ library has CPU kernels only so far (CUDA: issue 4).
+    devices: tuple[str, ...] = ("cpu",)
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.namespace}::{self.name}"
 
 
 def _heavy(n: int, device: torch.device, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
@@ -60,6 +67,20 @@ MANIFEST: list[OpSample] = [
         "a float64 level-2 pass over two prefixes with log sums",
     ),
     OpSample(
+        "tail_histogram",
+        lambda d: ([_heavy(3000, d), _heavy(500, d, seed=5).reshape(20, 25).t()],),
+        "Triton top-digit histogram of |x| (interpreter on CPU)",
+        namespace="gradience_triton",
+        devices=("cpu", "cuda"),
+    ),
+    OpSample(
+        "tail_level_pass",
+        lambda d: ([_heavy(3000, d)], 1, [16000, 16256, 16300], True),
+        "Triton float32 last-digit pass with log sums",
+        namespace="gradience_triton",
+        devices=("cpu", "cuda"),
+    ),
+    OpSample(
         "bootstrap_tail_statistics",
         lambda d: (torch.sort(_heavy(500, torch.device("cpu"), torch.float64).abs().log(),
                               descending=True).values, 300, [20, 50, 299], 7, 3, 0),
@@ -68,7 +89,10 @@ MANIFEST: list[OpSample] = [
 ]
 
 
+NAMESPACES = ("gradience", "gradience_triton")
+
+
 def registered_ops() -> set[str]:
-    """Names of every op the extension registered in the gradience namespace."""
+    """Qualified names of every op registered in the package's namespaces."""
     names = torch._C._dispatch_get_all_op_names()
-    return {n.split("::", 1)[1].split(".")[0] for n in names if n.startswith("gradience::")}
+    return {n.split(".")[0] for n in names if n.split("::", 1)[0] in NAMESPACES}

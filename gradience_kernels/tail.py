@@ -185,6 +185,7 @@ def tail_stats(
     *,
     per_tensor: bool = False,
     process_group=None,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused primitive: rows (k, X(k+1), X(k), S1, S2, H1, H2) and counts.
 
@@ -195,16 +196,32 @@ def tail_stats(
     ``process_group`` (torch.distributed): the sample is the union of every process's x (each
     process passes its shard; with ``per_tensor`` tensor i of every process is one sample), and
     every process gets the exact global result, from merged histograms (see ``distributed``).
+
+    ``backend``: "cpp" (the fused C++ op, CPU) or "triton" (the Triton passes driven by the
+    host-side descent: CUDA compiled, CPU under TRITON_INTERPRET=1; it reads the histograms on
+    the host, one sync per pass). Default: "cpp" for CPU tensors, "triton" for CUDA tensors.
     """
     xs = _as_sample(x)
     ks = [int(k) for k in ks]
     k_ratios = [float(r) for r in k_ratios]
-    if process_group is not None:
+    if backend not in (None, "cpp", "triton"):
+        raise ValueError(f"backend must be 'cpp' or 'triton', got backend={backend!r}")
+    if backend is None:
+        backend = "triton" if xs[0].device.type == "cuda" else "cpp"
+    if process_group is not None or backend == "triton":
         from . import distributed
 
+        passes = distributed.LIBRARY_PASSES
+        if backend == "triton":
+            from .tail_triton import TRITON_PASSES as passes
+
+        def one(sample):
+            rows, counts = distributed.tail_stats(sample, ks, k_ratios, process_group, passes)
+            return rows.to(xs[0].device), counts.to(xs[0].device)
+
         if not per_tensor:
-            return distributed.tail_stats(xs, ks, k_ratios, process_group)
-        parts = [distributed.tail_stats([t], ks, k_ratios, process_group) for t in xs]
+            return one(xs)
+        parts = [one([t]) for t in xs]
         return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
     if per_tensor:
         return torch.ops.gradience.tail_stats_per_tensor(xs, ks, k_ratios)

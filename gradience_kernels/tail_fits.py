@@ -114,22 +114,32 @@ def gpd_mle(y: np.ndarray) -> tuple[float, float, float]:
     return xi, sigma, _gpd_loglik(xi, sigma, y)
 
 
-def fit_gpd(x: TensorOrList, k: int | None = None, *, k_ratio: float | None = None) -> GPDFit:
+def fit_gpd(x: TensorOrList, k: int | None = None, *, k_ratio: float | None = None,
+            process_group=None) -> GPDFit:
     """Generalized Pareto fit (MLE, location 0) of the exceedances of |x| over u = X(k+1).
 
     The exceedances are y_i = X(i) - u for the X(i) > u among the top k (entries tied with u are
     not exceedances). Same estimates as ``scipy.stats.genpareto.fit(y, floc=0)`` (which runs a
     Nelder-Mead search of the same likelihood), to that optimiser's tolerance.
+    ``process_group``: the threshold from merged histograms, then the exceedances of every
+    process (O(k) values) are gathered for the fit.
 
     Reference: J. Pickands III, "Statistical inference using extreme order statistics", Ann.
     Statist. 3 (1975) 119-131 (the GPD as the limit law of exceedances); Grimshaw (1993).
     """
     ks, ratios = _k_arguments(k, k_ratio)
     xs = _as_sample(x)
-    rows, _ = tail_stats(xs, ks, ratios)
+    rows, _ = tail_stats(xs, ks, ratios, process_group=process_group)
     kk = int(rows[0, 0].item())
     u = float(rows[0, 1].item())
     top = _sample.exceedances(xs, u).numpy()
+    if process_group is not None:
+        # The k exceedances (the fit's input, O(k)) from every process; never the data.
+        import torch.distributed as dist
+
+        parts = [None] * dist.get_world_size(process_group)
+        dist.all_gather_object(parts, top, group=process_group)
+        top = np.sort(np.concatenate(parts))[::-1]
     y = top - u
     if y.size < 2:
         raise ValueError(

@@ -1,10 +1,16 @@
 import os
 
-import hypothesis
-import pytest
 import torch
 
-import gradience_kernels  # noqa: F401
+# Triton kernels run compiled on CUDA, and on CPU-only machines under the interpreter, which
+# triton.jit reads when a kernel module is first imported: set before any test imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import hypothesis  # noqa: E402
+import pytest  # noqa: E402
+
+import gradience_kernels  # noqa: E402,F401
 
 hypothesis.settings.register_profile(
     "ci", max_examples=150, deadline=None, derandomize=True,

@@ -85,6 +85,10 @@ def _worker(rank, world, init_file):
             assert torch.isnan(gk.quantile(xs, 0.5, process_group=group))  # NaN somewhere
             if dtype != torch.bfloat16:
                 assert gk.fit_stable(finite, process_group=group) == gk.fit_stable(x_finite)
+            fit = gk.fit_gpd(xs, 800, process_group=group)
+            want_fit = gk.fit_gpd(x, 800)
+            assert (fit.threshold, fit.n_exceedances) == (want_fit.threshold, want_fit.n_exceedances)
+            assert math.isclose(fit.xi, want_fit.xi, rel_tol=1e-9, abs_tol=1e-12)
             plot = gk.hill_plot(xs, [5, 50, 5000], process_group=group)
             want = gk.hill_plot(x, [5, 50, 5000])
             assert torch.allclose(plot.alpha, want.alpha, rtol=1e-9, atol=0)
