@@ -20,6 +20,7 @@ from typing import NamedTuple, Union
 import torch
 
 from . import _C  # noqa: F401  (registers the ops before the fake kernels below)
+from .distributed import _Layout
 
 TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -65,21 +66,16 @@ def _order_statistics_fake(xs, ranks, absolute):
     return xs[0].new_empty((len(ranks),), dtype=torch.float64)
 
 
-_TOP_BINS = {torch.float16: 1 << 15, torch.bfloat16: 1 << 15}
-
-
 @torch.library.register_fake("gradience::tail_histogram")
 def _tail_histogram_fake(xs, absolute):
-    bins = _TOP_BINS.get(xs[0].dtype, 1 << 16) if absolute else 1 << 16
+    lay = _Layout(xs[0].dtype, absolute)
+    bins = 1 << (lay.width - lay.shift(0))
     return xs[0].new_empty((bins,), dtype=torch.int64), xs[0].new_empty((4,), dtype=torch.int64)
 
 
 @torch.library.register_fake("gradience::tail_level_pass")
 def _tail_level_pass_fake(xs, absolute, level, bins, with_log_sums):
-    width = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 32, torch.float64: 64}[
-        xs[0].dtype] - (1 if absolute else 0)
-    levels = (width + 15) // 16
-    digit = width - 16 * (levels - 1) if level == levels - 1 else 16
+    digit = _Layout(xs[0].dtype, absolute).digit_width(level)
     m = len(bins)
     return (xs[0].new_empty((m, 1 << digit), dtype=torch.int64),
             xs[0].new_empty((m + 1,), dtype=torch.float64),
@@ -441,15 +437,10 @@ def quantile(
     return torch.ops.gradience.quantile(xs, qs, interpolation).reshape(shape)
 
 
-def _quantile_distributed(xs, qs, mode, group) -> torch.Tensor:
-    """numpy.quantile's positions and lerp over the global sample's signed order statistics."""
-    import torch.distributed as dist
-
-    from . import distributed
-
-    n = torch.tensor([sum(t.numel() for t in xs)], dtype=torch.int64)
-    dist.all_reduce(n, group=group)
-    n = int(n)
+def numpy_quantiles(n: int, qs: Sequence[float], mode: str, order_statistics_of) -> list[float]:
+    """numpy.quantile's positions (h = (n - 1) q) and interpolation over exact order
+    statistics, in float64: ``order_statistics_of(ranks)`` returns the ascending 1-based ranks'
+    values. Mirrors quantile_cpu (csrc/tail/tail_ops_cpu.cpp) for the paths without that op."""
     plan = []
     for q in qs:
         h = (n - 1) * q
@@ -466,14 +457,27 @@ def _quantile_distributed(xs, qs, mode, group) -> torch.Tensor:
         else:
             plan.append((lo, hi, 0.0 if lo == hi else 0.5))
     ranks = sorted({i + 1 for a, b, _ in plan for i in (a, b)})
-    values = dict(zip(ranks, distributed.order_statistics(xs, ranks, False, group).tolist()))
+    values = dict(zip(ranks, order_statistics_of(ranks)))
     out = []
     for a, b, t in plan:
         va, vb = values[a + 1], values[b + 1]
         if mode in ("linear", "midpoint"):
+            # numpy's two-sided lerp (exact at both ends).
             out.append(vb - (vb - va) * (1.0 - t) if t >= 0.5 else va + (vb - va) * t)
         else:
             out.append(va)
+    return out
+
+
+def _quantile_distributed(xs, qs, mode, group) -> torch.Tensor:
+    import torch.distributed as dist
+
+    from . import distributed
+
+    n = torch.tensor([sum(t.numel() for t in xs)], dtype=torch.int64)
+    dist.all_reduce(n, group=group)
+    out = numpy_quantiles(int(n), qs, mode, lambda ranks: distributed.order_statistics(
+        xs, ranks, False, group).tolist())
     return torch.tensor(out, dtype=torch.float64).to(xs[0].dtype)
 
 

@@ -16,7 +16,7 @@ import torch
 from scipy import optimize
 
 from . import _sample
-from .tail import TensorOrList, _as_sample, _k_arguments, tail_stats
+from .tail import TensorOrList, _as_sample, _k_arguments, numpy_quantiles, tail_stats
 
 __all__ = ["GPDFit", "StableFit", "fit_gpd", "fit_stable", "gpd_mle", "stable_from_quantiles"]
 
@@ -299,33 +299,17 @@ def _quantiles_float64(xs, qs, process_group=None) -> list[float]:
     """numpy.quantile's 'linear' quantiles of the signed sample, from exact order statistics,
     with positions and interpolation in float64 whatever the input dtype."""
     n = sum(t.numel() for t in xs)
-    if process_group is not None:
-        import torch.distributed as dist
+    if process_group is None:
+        return numpy_quantiles(n, qs, "linear", lambda ranks: torch.ops.gradience.order_statistics(
+            xs, ranks, False).tolist())
+    import torch.distributed as dist
 
-        total = torch.tensor([n], dtype=torch.int64)
-        dist.all_reduce(total, group=process_group)
-        n = int(total)
-    ranks, plan = set(), []
-    for q in qs:
-        h = (n - 1) * q
-        lo = int(math.floor(h))
-        hi = min(lo + 1, n - 1)
-        plan.append((lo, hi, h - lo))
-        ranks.update((lo + 1, hi + 1))
-    ordered = sorted(ranks)
-    if process_group is not None:
-        from . import distributed
+    from . import distributed
 
-        values = distributed.order_statistics(xs, ordered, False, process_group).tolist()
-    else:
-        values = torch.ops.gradience.order_statistics(xs, ordered, False).tolist()
-    at = dict(zip(ordered, values))
-    out = []
-    for lo, hi, t in plan:
-        a, b = at[lo + 1], at[hi + 1]
-        # numpy's two-sided lerp (exact at both ends).
-        out.append(b - (b - a) * (1.0 - t) if t >= 0.5 else a + (b - a) * t)
-    return out
+    total = torch.tensor([n], dtype=torch.int64)
+    dist.all_reduce(total, group=process_group)
+    return numpy_quantiles(int(total), qs, "linear", lambda ranks: distributed.order_statistics(
+        xs, ranks, False, process_group).tolist())
 
 
 def fit_stable(x: TensorOrList, *, process_group=None) -> StableFit:

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from scipy import special, stats
 
+from .tail import _moment_variance
+
 __all__ = ["Interval", "LikelihoodRatio", "hill_interval", "moment_interval",
            "power_law_vs_exponential", "normal_quantile"]
 
@@ -78,11 +80,9 @@ def hill_interval(alpha, k, level: float = 0.95) -> Interval:
 
 def moment_variance(gamma: float) -> float:
     """Asymptotic variance of sqrt(k) (gamma_M - gamma) (Dekkers, Einmahl, de Haan 1989):
-    1 + gamma^2 for gamma >= 0; (1-g)^2 (1-2g) (1-g+6g^2) / ((1-3g)(1-4g)) for g < 0."""
-    if gamma >= 0:
-        return 1.0 + gamma * gamma
-    g = gamma
-    return (1 - g) ** 2 * (1 - 2 * g) * (1 - g + 6 * g * g) / ((1 - 3 * g) * (1 - 4 * g))
+    1 + gamma^2 for gamma >= 0; (1-g)^2 (1-2g) (1-g+6g^2) / ((1-3g)(1-4g)) for g < 0 (the
+    formula of MomentResult.stderr, evaluated on a float)."""
+    return float(_moment_variance(torch.tensor(float(gamma), dtype=torch.float64)))
 
 
 def moment_interval(gamma, k, level: float = 0.95) -> Interval:

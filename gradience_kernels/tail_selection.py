@@ -28,7 +28,7 @@ import torch
 from . import _sample
 from .tail import TensorOrList, _as_sample, moment_estimator, hill, tail_stats
 from .tail_inference import (Interval, LikelihoodRatio, hill_interval, moment_interval,
-                             normal_quantile, power_law_vs_exponential)
+                             moment_variance, normal_quantile, power_law_vs_exponential)
 
 __all__ = ["DoubleBootstrap", "TailIndex", "double_bootstrap", "tail_index", "sorted_tail_logs"]
 
@@ -170,12 +170,12 @@ def _moment_prefactor(xi: float, n1: int, k1: int) -> float:
     moment-type estimators (their section 3)."""
     rho = math.log(k1) / (2 * math.log(k1) - 2 * math.log(n1))
     x = xi
+    v2 = moment_variance(x)  # the moment estimator's asymptotic variance
     if x >= 0:
-        v2, vbar2 = 1 + x * x, (1 + x * x) / 4
+        vbar2 = (1 + x * x) / 4
         b = x / (rho * (1 - rho)) + 1 / (1 - rho) ** 2
         bbar = -(rho + x * (1 - rho)) / (2 * (1 - rho) ** 3)
     else:
-        v2 = (1 - x) ** 2 * (1 - 2 * x) * (6 * x * x - x + 1) / ((1 - 3 * x) * (1 - 4 * x))
         poly = 1 - 8 * x + 48 * x**2 - 154 * x**3 + 263 * x**4 - 222 * x**5 + 72 * x**6
         vbar2 = 0.25 * (1 - x) ** 2 * poly / (
             (1 - 2 * x) * (1 - 3 * x) * (1 - 4 * x) * (1 - 5 * x) * (1 - 6 * x))
