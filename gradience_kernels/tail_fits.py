@@ -13,7 +13,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from scipy import optimize
 
 from . import _sample
 from .tail import TensorOrList, _as_sample, _k_arguments, numpy_quantiles, tail_stats
@@ -102,6 +101,8 @@ def gpd_mle(y: np.ndarray) -> tuple[float, float, float]:
     lo = grid[max(best - 1, 0)]
     hi = grid[min(best + 1, grid.size - 1)]
     if lo < hi:
+        from scipy import optimize  # imported on use: the package itself needs no SciPy
+
         res = optimize.minimize_scalar(lambda t: -profile(t), bounds=(lo, hi), method="bounded",
                                        options={"xatol": 1e-12 * (hi - lo), "maxiter": 500})
         theta = float(res.x) if -res.fun >= values[best] else float(grid[best])

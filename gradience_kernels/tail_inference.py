@@ -12,8 +12,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from scipy import special, stats
-
 from .tail import _moment_variance
 
 __all__ = ["Interval", "LikelihoodRatio", "hill_interval", "moment_interval",
@@ -49,6 +47,8 @@ def normal_quantile(level: float) -> float:
     """z with P(|Z| <= z) = level for a standard normal Z."""
     if not (0.0 < level < 1.0):
         raise ValueError(f"level must be in (0, 1), got level={level!r}")
+    from scipy import stats  # imported on use: the package itself needs no SciPy
+
     return float(stats.norm.ppf(0.5 + level / 2.0))
 
 
@@ -121,5 +121,5 @@ def power_law_vs_exponential(exceedances: np.ndarray, threshold: float) -> Likel
     ratio = float(np.sum(d))
     sigma = float(np.std(d))
     z = ratio / (sigma * math.sqrt(x.size)) if sigma > 0 else math.copysign(math.inf, ratio)
-    p = float(special.erfc(abs(z) / math.sqrt(2.0))) if math.isfinite(z) else 0.0
+    p = math.erfc(abs(z) / math.sqrt(2.0)) if math.isfinite(z) else 0.0
     return LikelihoodRatio(ratio=ratio, z=z, p_value=p, n=int(x.size), alpha=a, rate=lam)
