@@ -6,7 +6,7 @@ gradience alpha against a float64 Hill of the same top values (torch.topk on the
 
 Usage: python bench/bench_tail_gpu.py [--sizes 1e8 1e9] [--out-dir DIR]
        python bench/bench_tail_gpu.py --device cpu --sizes 1e5 --quick   (smoke test on CPU,
-       under TRITON_INTERPRET=1)
+       under TRITON_INTERPRET=1; --quick: 3 repeats, 8 ks in the Hill plot)
 Writes bench_tail_<gpu name>.json under bench/results (or --out-dir).
 """
 
@@ -38,11 +38,11 @@ def sort_hill(x: torch.Tensor, k: int) -> float:
     return k / float(torch.log(v[:k]).sum() - k * torch.log(v[k]))
 
 
-def run_case(dtype_name, n, device, repeats):
+def run_case(dtype_name, n, device, repeats, n_ks=64):
     g = torch.Generator(device=device).manual_seed(n % 997)
     x = torch.randn(n, generator=g, device=device).to(DTYPES[dtype_name])
     k = n // 10
-    ks = sorted({int(v) for v in np.geomspace(10, k, 64)})
+    ks = sorted({int(v) for v in np.geomspace(10, k, n_ks)})
     rows = []
 
     def add(name, fn, group, reps=repeats):
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     rows, lists = [], []
     for dtype_name in args.dtypes:
         for n in (int(s) for s in args.sizes):
-            case, x = run_case(dtype_name, n, device, repeats)
+            case, x = run_case(dtype_name, n, device, repeats, 8 if args.quick else 64)
             del x
             rows.extend(case)
             print(f"\n{dtype_name}, n = {n:.0e} ({device})")

@@ -28,3 +28,27 @@ def test_bench_tail_smoke(tmp_path):
     assert boot["speedup"] > 1 and len(boot["reference_k_hill"]) == 2
     assert suite["fit_stable (McCulloch), n=1e+05 fp64"]["max_abs_param_diff"] < 1e-9
     assert all(r["xi_rel_diff"] < 1e-3 for n, r in suite.items() if n.startswith("fit_gpd"))
+
+
+GPU_BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_tail_gpu.py"
+
+
+def test_bench_tail_gpu_smoke(tmp_path):
+    """The GPU benchmark script runs end to end on CPU (Triton interpreter), so a GPU session
+    does not find it broken."""
+    import os
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    device = "cuda" if __import__("torch").cuda.is_available() else "cpu"
+    out = subprocess.run(
+        [sys.executable, str(GPU_BENCH), "--device", device, "--sizes", "2e4", "--quick",
+         "--out", "gpu_smoke", "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env=env if device == "cpu" else os.environ,
+    )
+    assert out.returncode == 0, out.stderr
+    payload = json.loads((tmp_path / "gpu_smoke.json").read_text())
+    names = {r["name"] for r in payload["rows"] if "median_s" in r}
+    assert {"x.sum() one-pass read", "gradience hill, Triton (k=n/10)", "torch.topk Hill"} <= names
+    topk = [r for r in payload["rows"] if r["name"] == "torch.topk Hill"]
+    assert all(r["alpha_rel_diff"] < 1e-6 for r in topk)
+    assert payload["list_rows"][0]["list_over_flat"] > 0
