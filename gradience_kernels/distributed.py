@@ -88,19 +88,18 @@ def _walk(hist: torch.Tensor, top: int, ranks: Sequence[int]) -> list[tuple[int,
 
 
 class _LibraryPasses:
-    """The passes of the C++ library (CPU)."""
+    """The passes of the C++ library: CPU kernels, and CUDA kernels (|x| only) where the
+    extension was built with nvcc. Results come back to the host for the walk."""
 
     @staticmethod
     def histogram(xs, absolute):
-        for i, t in enumerate(xs):
-            if t.device.type != "cpu":
-                raise ValueError(f"xs[{i}]: the C++ passes take CPU tensors, got device "
-                                 f"{t.device} (backend='triton' runs on CUDA)")
-        return torch.ops.gradience.tail_histogram(xs, absolute)
+        hist, counts = torch.ops.gradience.tail_histogram(xs, absolute)
+        return hist.cpu(), counts.cpu()
 
     @staticmethod
     def level_pass(xs, absolute, level, bins, with_log_sums):
-        return torch.ops.gradience.tail_level_pass(xs, absolute, level, bins, with_log_sums)
+        out = torch.ops.gradience.tail_level_pass(xs, absolute, level, bins, with_log_sums)
+        return tuple(t.cpu() for t in out)
 
 
 LIBRARY_PASSES = _LibraryPasses()

@@ -19,7 +19,7 @@ class OpSample:
     make_args: Callable[[torch.device], tuple]
     description: str
     namespace: str = "gradience"  # "gradience_triton": the Triton custom ops (tail_triton.py)
-    # Devices with a kernel: the C++ library has CPU kernels only so far (CUDA: issue 4).
+    # Devices with a kernel: the C++ library's fused ops are CPU-only so far (CUDA: issue 4).
     devices: tuple[str, ...] = ("cpu",)
 
     @property
@@ -59,12 +59,14 @@ MANIFEST: list[OpSample] = [
         "tail_histogram",
         lambda d: ([_heavy(3000, d), _heavy(100, d, seed=4).reshape(10, 10).t()], True),
         "top-digit histogram of |x| keys over a two-tensor float32 sample",
+        devices=("cpu", "cuda"),
     ),
     OpSample(
         "tail_level_pass",
         lambda d: ([_heavy(3000, d, torch.float64)], True, 2, [16383 * 65536 + 1, 16384 * 65536],
                    True),
         "a float64 level-2 pass over two prefixes with log sums",
+        devices=("cpu", "cuda"),
     ),
     OpSample(
         "tail_histogram",

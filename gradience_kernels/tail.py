@@ -193,18 +193,19 @@ def tail_stats(
     process passes its shard; with ``per_tensor`` tensor i of every process is one sample), and
     every process gets the exact global result, from merged histograms (see ``distributed``).
 
-    ``backend``: "cpp" (the fused C++ op, CPU) or "triton" (the Triton passes driven by the
-    host-side descent: CUDA compiled, CPU under TRITON_INTERPRET=1; it reads the histograms on
-    the host, one sync per pass). Default: "cpp" for CPU tensors, "triton" for CUDA tensors.
+    ``backend``: "cpp" (the fused C++ op, CPU), "cuda" (the C++ library's CUDA passes) or
+    "triton" (the Triton passes: CUDA compiled, CPU under TRITON_INTERPRET=1); the last two run
+    the radix descent with the histograms read on the host, one sync per pass. Default: "cpp" for
+    CPU tensors, "triton" for CUDA tensors (until the GPU benchmark of issue 4 picks per dtype).
     """
     xs = _as_sample(x)
     ks = [int(k) for k in ks]
     k_ratios = [float(r) for r in k_ratios]
-    if backend not in (None, "cpp", "triton"):
-        raise ValueError(f"backend must be 'cpp' or 'triton', got backend={backend!r}")
+    if backend not in (None, "cpp", "cuda", "triton"):
+        raise ValueError(f"backend must be 'cpp', 'cuda' or 'triton', got backend={backend!r}")
     if backend is None:
         backend = "triton" if xs[0].device.type == "cuda" else "cpp"
-    if process_group is not None or backend == "triton":
+    if process_group is not None or backend != "cpp":
         from . import distributed
 
         passes = distributed.LIBRARY_PASSES

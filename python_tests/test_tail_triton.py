@@ -1,5 +1,6 @@
-"""The Triton backend of the tail passes (interpreter on CPU, compiled on CUDA) against the C++
-ops and the float64 sort reference."""
+"""The GPU backends of the tail passes against the C++ CPU passes and the float64 sort
+reference: Triton (interpreter on CPU, compiled on CUDA) and the C++ library's CUDA kernels
+(GPU only)."""
 
 import pytest
 import torch
@@ -58,10 +59,31 @@ def test_triton_tail_stats_matches_reference(dtype):
 
 def test_triton_backend_errors():
     with pytest.raises(ValueError, match="backend"):
-        gk.tail_stats(torch.randn(100), [5], backend="cuda")
+        gk.tail_stats(torch.randn(100), [5], backend="gpu")
     with pytest.raises(TypeError, match="dtype"):
         torch.ops.gradience_triton.tail_histogram([torch.arange(10)])
     with pytest.raises(ValueError, match="level"):
         torch.ops.gradience_triton.tail_level_pass([torch.randn(100)], 2, [1], True)
     with pytest.raises(ValueError, match="increasing"):
         torch.ops.gradience_triton.tail_level_pass([torch.randn(100)], 1, [3, 2], True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA passes need a GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_passes_equal_cpu_passes(dtype):
+    x = _sample(dtype, n=300_000, seed=5)
+    xc = x.cuda()
+    hist, counts = torch.ops.gradience.tail_histogram([xc], True)
+    want_hist, want_counts = torch.ops.gradience.tail_histogram([x], True)
+    assert torch.equal(hist.cpu(), want_hist) and torch.equal(counts.cpu(), want_counts)
+    n_eff = ref.counts(x)["n_eff"]
+    ks = [1, 9, 1000, n_eff // 2, n_eff - 1]
+    rows, got_counts = gk.tail_stats(xc, ks, backend="cuda")
+    want_rows, _ = gk.tail_stats(x, ks)
+    assert torch.equal(got_counts.cpu(), want_counts)
+    desc = ref.tail_sorted(x)
+    for got, want, k in zip(rows.cpu().tolist(), want_rows.tolist(), ks):
+        assert got[:3] == want[:3]
+        tol1, tol2 = ref.log_sum_tolerances(x, k, desc)
+        for j, tol in ((3, tol1), (4, tol2), (5, tol1), (6, tol2)):
+            assert abs(got[j] - want[j]) <= 2 * tol, (k, j, got[j], want[j])

@@ -282,19 +282,6 @@ at::Tensor quantile_cpu(at::TensorList xs, at::ArrayRef<double> q,
   return result.to(out_dtype);
 }
 
-// Digit layout of a format's keys (see KeyPolicy in float_keys.h), for argument checks.
-struct KeyLayout {
-  int width, levels;
-  int shift(int level) const { return level == levels - 1 ? 0 : width - 16 * (level + 1); }
-  int digit_width(int level) const { return level == levels - 1 ? width - 16 * (levels - 1) : 16; }
-};
-
-KeyLayout layout_of(FloatFormat format, bool absolute) {
-  const int bits = format == FloatFormat::kFloat64 ? 64 : format == FloatFormat::kFloat32 ? 32 : 16;
-  const int width = absolute ? bits - 1 : bits;
-  return {width, (width + 15) / 16};
-}
-
 // Pass 1 of the radix descent for merging across processes: the top-digit histogram of the
 // keys (|x| or signed) and the counts (n_eff, n_zero, n_nan, n_inf).
 std::tuple<at::Tensor, at::Tensor> tail_histogram_cpu(at::TensorList xs, bool absolute) {
@@ -318,21 +305,7 @@ std::tuple<at::Tensor, at::Tensor> tail_histogram_cpu(at::TensorList xs, bool ab
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tail_level_pass_cpu(
     at::TensorList xs, bool absolute, int64_t level, at::IntArrayRef bins, bool with_log_sums) {
   const FloatFormat format = check_sample(xs, "xs", kCPU);
-  TORCH_CHECK_VALUE(total_numel(xs) > 0, "xs: expected a non-empty sample, got 0 elements");
-  const KeyLayout layout = layout_of(format, absolute);
-  TORCH_CHECK_VALUE(level >= 1 && level < layout.levels, "level must be in [1, ", layout.levels,
-                    ") for dtype ", xs[0].scalar_type(), ", got level=", level);
-  TORCH_CHECK_VALUE(!with_log_sums || absolute, "with_log_sums needs absolute=True");
-  TORCH_CHECK_VALUE(!bins.empty(), "bins: expected at least one prefix, got an empty list");
-  const int prefix_bits = layout.width - layout.shift(static_cast<int>(level) - 1);
-  const int64_t limit = int64_t{1} << prefix_bits;
-  for (size_t i = 0; i < bins.size(); ++i) {
-    TORCH_CHECK_VALUE(bins[i] >= 0 && bins[i] < limit, "bins[", i, "]: a prefix of ",
-                      prefix_bits, " bits must be in [0, ", limit, "), got ", bins[i]);
-    TORCH_CHECK_VALUE(i == 0 || bins[i] > bins[i - 1], "bins[", i,
-                      "]: bins must be strictly increasing, got ", bins[i - 1], " then ",
-                      bins[i]);
-  }
+  check_level_pass(key_layout(format, absolute), xs, absolute, level, bins, with_log_sums);
   const std::vector<StridedView> views = strided_views_of(xs);
   auto engine = make_order_stats_cpu(format, absolute, views.data(),
                                      static_cast<int64_t>(views.size()));

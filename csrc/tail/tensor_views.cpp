@@ -94,4 +94,28 @@ int64_t total_numel(at::TensorList xs) {
   return n;
 }
 
+KeyLayout key_layout(FloatFormat format, bool absolute) {
+  const int bits = format == FloatFormat::kFloat64 ? 64 : format == FloatFormat::kFloat32 ? 32 : 16;
+  const int width = absolute ? bits - 1 : bits;
+  return {width, (width + 15) / 16};
+}
+
+void check_level_pass(const KeyLayout& layout, at::TensorList xs, bool absolute, int64_t level,
+                      at::IntArrayRef bins, bool with_log_sums) {
+  TORCH_CHECK_VALUE(total_numel(xs) > 0, "xs: expected a non-empty sample, got 0 elements");
+  TORCH_CHECK_VALUE(level >= 1 && level < layout.levels, "level must be in [1, ", layout.levels,
+                    ") for dtype ", xs[0].scalar_type(), ", got level=", level);
+  TORCH_CHECK_VALUE(!with_log_sums || absolute, "with_log_sums needs absolute=True");
+  TORCH_CHECK_VALUE(!bins.empty(), "bins: expected at least one prefix, got an empty list");
+  const int prefix_bits = layout.width - layout.shift(static_cast<int>(level) - 1);
+  const int64_t limit = int64_t{1} << prefix_bits;
+  for (size_t i = 0; i < bins.size(); ++i) {
+    TORCH_CHECK_VALUE(bins[i] >= 0 && bins[i] < limit, "bins[", i, "]: a prefix of ",
+                      prefix_bits, " bits must be in [0, ", limit, "), got ", bins[i]);
+    TORCH_CHECK_VALUE(i == 0 || bins[i] > bins[i - 1], "bins[", i,
+                      "]: bins must be strictly increasing, got ", bins[i - 1], " then ",
+                      bins[i]);
+  }
+}
+
 }  // namespace gradience::tail

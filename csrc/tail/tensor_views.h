@@ -23,4 +23,17 @@ std::vector<StridedView> strided_views_of(at::TensorList xs);
 
 int64_t total_numel(at::TensorList xs);
 
+// Digit layout of a format's keys (KeyPolicy in float_keys.h), for the pass ops' checks.
+struct KeyLayout {
+  int width, levels;
+  int shift(int level) const { return level == levels - 1 ? 0 : width - 16 * (level + 1); }
+  int digit_width(int level) const { return level == levels - 1 ? width - 16 * (levels - 1) : 16; }
+};
+KeyLayout key_layout(FloatFormat format, bool absolute);
+
+// Checks of tail_level_pass's arguments (level in range, bins ascending prefixes of the level
+// above, log sums only for |x|), naming argument and value.
+void check_level_pass(const KeyLayout& layout, at::TensorList xs, bool absolute, int64_t level,
+                      at::IntArrayRef bins, bool with_log_sums);
+
 }  // namespace gradience::tail
