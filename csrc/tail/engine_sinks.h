@@ -465,29 +465,9 @@ struct TopTailSink {
       window = nullptr;
     }
     if (window != nullptr) {
-      // Every key is written and the position advances only inside the window bins
-      // (branch-free: about a third of the candidates are in them).
-      const uint8_t* __restrict in_window = cfg->in_window;
-      Bits* __restrict out = window;
-      int64_t w = n_window;
-      for (int i = 0; i < n; ++i) {
-        const Bits key = keys[i];
-        const int64_t bin = static_cast<int64_t>(key >> L::kTopShift);
-        ++hist[bin];
-        bin_of_value[i] = static_cast<int32_t>(bin - lo_bin);
-        values[i] = Policy::value_of_key(key);
-        out[w] = key;
-        w += in_window[bin - lo_bin];
-      }
-      n_window = w;
+      classify<true>(n, lo_bin);
     } else {
-      for (int i = 0; i < n; ++i) {
-        const Bits key = keys[i];
-        const int64_t bin = static_cast<int64_t>(key >> L::kTopShift);
-        ++hist[bin];
-        bin_of_value[i] = static_cast<int32_t>(bin - lo_bin);
-        values[i] = Policy::value_of_key(key);
-      }
+      classify<false>(n, lo_bin);
     }
     n_keys = 0;
     if (!cfg->with_logs) return;
@@ -497,6 +477,28 @@ struct TopTailSink {
       bin_log_sq[bin_of_value[i]].add_nonnegative(logs[i] * logs[i]);
     }
   }
+  // Histogram, bin and value of each buffered key; with kWindow, also append the keys of the
+  // window bins: every key is written and the position advances only inside them (branch-free:
+  // about a third of the candidates are in them).
+  template <bool kWindow>
+  void classify(int n, int64_t lo_bin) {
+    const uint8_t* __restrict in_window = cfg->in_window;
+    Bits* __restrict out = window;
+    int64_t w = n_window;
+    for (int i = 0; i < n; ++i) {
+      const Bits key = keys[i];
+      const int64_t bin = static_cast<int64_t>(key >> L::kTopShift);
+      ++hist[bin];
+      bin_of_value[i] = static_cast<int32_t>(bin - lo_bin);
+      values[i] = Policy::value_of_key(key);
+      if constexpr (kWindow) {
+        out[w] = key;
+        w += in_window[bin - lo_bin];
+      }
+    }
+    if constexpr (kWindow) n_window = w;
+  }
+
   void end_block(std::vector<uint64_t>& total) {
     flush();
     flush_counts(hist, L::kTopBins, total.data());
