@@ -83,10 +83,9 @@ def _dbs(desc, estimator, t_bootstrap, r_bootstrap, eps_stop, seed, diagn_plots)
         if diagn_plots:
             x_arr = np.linspace(1.0 / size, 1.0, size)
             amse = np.full(size - 1, np.nan)
-            for (sz, _, _, _, _, _), (total, count) in cache.items():
-                if sz == size:
-                    grid = np.asarray(_sel._search_ks(min(_sel._max_k(size, eps_stop), size - 1)))
-                    amse[grid - 1] = total[which] / count
+            for (sz, max_k, _, _, _, _), (total, count) in cache.items():
+                if sz == size:  # the key holds the searched range: its grid is that of the sums
+                    amse[np.asarray(_sel._search_ks(max_k)) - 1] = total[which] / count
         out.append((x_arr, amse, k / size, max_index))
     (x1, a1, f1, m1), (x2, a2, f2, m2) = out
     return res.k_star, x1, a1, f1, m1, x2, a2, f2, m2

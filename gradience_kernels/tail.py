@@ -434,7 +434,8 @@ def quantile(
         if not (0.0 <= v <= 1.0):
             raise ValueError(f"q[{i}]: q must be in [0, 1], got q={v}")
     if process_group is not None:
-        return _quantile_distributed(xs, qs, interpolation, process_group).reshape(shape)
+        out = float64_quantiles(xs, qs, interpolation, process_group)
+        return torch.tensor(out, dtype=torch.float64).to(xs[0].dtype).reshape(shape)
     return torch.ops.gradience.quantile(xs, qs, interpolation).reshape(shape)
 
 
@@ -470,16 +471,22 @@ def numpy_quantiles(n: int, qs: Sequence[float], mode: str, order_statistics_of)
     return out
 
 
-def _quantile_distributed(xs, qs, mode, group) -> torch.Tensor:
+def float64_quantiles(xs: list[torch.Tensor], qs: Sequence[float], mode: str,
+                      process_group=None) -> list[float]:
+    """numpy.quantile of the signed sample (the union of every process's xs with a
+    ``process_group``), positions and interpolation in float64 whatever the dtype."""
+    n = sum(t.numel() for t in xs)
+    if process_group is None:
+        return numpy_quantiles(n, qs, mode, lambda ranks: torch.ops.gradience.order_statistics(
+            xs, ranks, False).tolist())
     import torch.distributed as dist
 
     from . import distributed
 
-    n = torch.tensor([sum(t.numel() for t in xs)], dtype=torch.int64)
-    dist.all_reduce(n, group=group)
-    out = numpy_quantiles(int(n), qs, mode, lambda ranks: distributed.order_statistics(
-        xs, ranks, False, group).tolist())
-    return torch.tensor(out, dtype=torch.float64).to(xs[0].dtype)
+    total = torch.tensor([n], dtype=torch.int64)
+    dist.all_reduce(total, group=process_group)
+    return numpy_quantiles(int(total), qs, mode, lambda ranks: distributed.order_statistics(
+        xs, ranks, False, process_group).tolist())
 
 
 def order_statistics(

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import _sample
-from .tail import TensorOrList, _as_sample, _k_arguments, numpy_quantiles, tail_stats
+from .tail import TensorOrList, _as_sample, _k_arguments, float64_quantiles, tail_stats
 
 __all__ = ["GPDFit", "StableFit", "fit_gpd", "fit_stable", "gpd_mle", "stable_from_quantiles"]
 
@@ -296,23 +296,6 @@ def stable_from_quantiles(q05: float, q25: float, q50: float, q75: float, q95: f
                      quantiles=(q05, q25, q50, q75, q95))
 
 
-def _quantiles_float64(xs, qs, process_group=None) -> list[float]:
-    """numpy.quantile's 'linear' quantiles of the signed sample, from exact order statistics,
-    with positions and interpolation in float64 whatever the input dtype."""
-    n = sum(t.numel() for t in xs)
-    if process_group is None:
-        return numpy_quantiles(n, qs, "linear", lambda ranks: torch.ops.gradience.order_statistics(
-            xs, ranks, False).tolist())
-    import torch.distributed as dist
-
-    from . import distributed
-
-    total = torch.tensor([n], dtype=torch.int64)
-    dist.all_reduce(total, group=process_group)
-    return numpy_quantiles(int(total), qs, "linear", lambda ranks: distributed.order_statistics(
-        xs, ranks, False, process_group).tolist())
-
-
 def fit_stable(x: TensorOrList, *, process_group=None) -> StableFit:
     """alpha-stable parameters of the values of x (signed) by McCulloch's quantile method.
 
@@ -324,8 +307,8 @@ def fit_stable(x: TensorOrList, *, process_group=None) -> StableFit:
     n = sum(t.numel() for t in xs)
     if n < 2 and process_group is None:
         raise ValueError(f"fit_stable needs at least 2 values, got {n}")
-    q05, q25, q50, q75, q95 = _quantiles_float64(xs, (0.05, 0.25, 0.5, 0.75, 0.95),
-                                                 process_group)
+    q05, q25, q50, q75, q95 = float64_quantiles(xs, (0.05, 0.25, 0.5, 0.75, 0.95), "linear",
+                                                process_group)
     if not all(math.isfinite(v) for v in (q05, q25, q50, q75, q95)):
         raise ValueError("fit_stable: the sample holds NaN (its quantiles are NaN)")
     if q75 == q25 or q95 == q05:

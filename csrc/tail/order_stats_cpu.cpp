@@ -382,10 +382,11 @@ class RadixEngine final : public OrderStatsEngine {
     // budget: the last digit of the rank bins is then read from this buffer (a few percent of
     // the data) instead of a second pass over all of it.
     const int threads = max_threads();
+    const int64_t capacity = window_buffer_bytes() / static_cast<int64_t>(sizeof(Bits));
     std::vector<uint8_t> in_window;
-    if (plan_window_buffer(windows, lo_bin, tcfg.n_bins, threads, in_window)) {
+    if (plan_window_buffer(windows, lo_bin, tcfg.n_bins, threads, capacity, in_window)) {
       tcfg.in_window = in_window.data();
-      tcfg.window_cap = window_buffer_bytes() / static_cast<int64_t>(sizeof(Bits)) / threads;
+      tcfg.window_cap = capacity / threads;
     }
     top_hist_.assign(kTopBins, 0);
     std::vector<TopTailSink> sinks(threads);
@@ -436,7 +437,7 @@ class RadixEngine final : public OrderStatsEngine {
     bins.erase(std::unique(bins.begin(), bins.end()), bins.end());
     bool buffered = tcfg.in_window != nullptr;
     for (const auto& sink : sinks) {
-      buffered = buffered && !sink.window_overflow && (sink.n_window == 0 || sink.window);
+      buffered = buffered && !sink.window_overflow;  // an overflow drops the thread's keys
     }
     for (Bits b : bins) buffered = buffered && in_window[static_cast<int64_t>(b) - lo_bin];
     // Slots hold the row in 17 bits and row_of is 16-bit: far more ranks take the data pass.
@@ -464,7 +465,7 @@ class RadixEngine final : public OrderStatsEngine {
   // as the sample estimates them, fit half the buffer budget (the other half absorbs uneven
   // thread shares and sampling error; a thread that still overflows falls back to pass 2).
   bool plan_window_buffer(const SampleWindows& windows, int64_t lo_bin, int64_t n_bins,
-                          int threads, std::vector<uint8_t>& in_window) const {
+                          int threads, int64_t capacity, std::vector<uint8_t>& in_window) const {
     in_window.assign(static_cast<size_t>(n_bins), 0);
     double expected = 0.0;
     for (size_t t = 0; t < windows.lo_bin.size(); ++t) {
@@ -477,8 +478,7 @@ class RadixEngine final : public OrderStatsEngine {
       }
     }
     expected *= windows.population_per_sample;
-    const double capacity = static_cast<double>(window_buffer_bytes() / sizeof(Bits));
-    return threads > 0 && capacity > 0 && expected <= 0.5 * capacity;
+    return threads > 0 && capacity > 0 && expected <= 0.5 * static_cast<double>(capacity);
   }
 
   // Budget of the window key buffer, all threads together: 48 MiB (1e8 Gaussian entries with 64

@@ -12,8 +12,13 @@ import triton.language as tl
 
 
 @triton.jit
-def _abs_key(bits, KEY_MASK: tl.constexpr, WIDE: tl.constexpr):
-    return bits.to(WIDE) & KEY_MASK
+def _load_keys(bits_ptr, n, BLOCK: tl.constexpr, KEY_MASK: tl.constexpr, WIDE: tl.constexpr):
+    """This program's block: its index, which lanes hold an entry, and their |x| keys."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    bits = tl.load(bits_ptr + offs, mask=inside, other=0)
+    return pid, inside, bits.to(WIDE) & KEY_MASK
 
 
 @triton.jit
@@ -28,11 +33,7 @@ def top_histogram_kernel(
     WIDE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < n
-    bits = tl.load(bits_ptr + offs, mask=inside, other=0)
-    key = _abs_key(bits, KEY_MASK, WIDE)
+    _, inside, key = _load_keys(bits_ptr, n, BLOCK, KEY_MASK, WIDE)
     tl.atomic_add(hist_ptr + (key >> SHIFT).to(tl.int64), 1, mask=inside)
     zeros = tl.sum((inside & (key == 0)).to(tl.int64), axis=0)
     infs = tl.sum((inside & (key == INF_KEY)).to(tl.int64), axis=0)
@@ -64,11 +65,7 @@ def level_pass_kernel(
     FLOAT: tl.constexpr,  # the float type of the bits, for the values
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < n
-    bits = tl.load(bits_ptr + offs, mask=inside, other=0)
-    key = _abs_key(bits, KEY_MASK, WIDE)
+    pid, inside, key = _load_keys(bits_ptr, n, BLOCK, KEY_MASK, WIDE)
     prefix = (key >> PREFIX_SHIFT).to(tl.int64)
     # pos = number of bins below the prefix (branch-free binary search over the sorted bins).
     pos = tl.zeros([BLOCK], dtype=tl.int64)
