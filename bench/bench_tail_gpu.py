@@ -62,9 +62,13 @@ def run_case(dtype_name, n, device, repeats, n_ks=64):
                 torch.cuda.empty_cache()
 
     add("x.sum() one-pass read", lambda: x.sum().item(), "read")
-    add("gradience hill, Triton (k=n/10)", lambda: _hill_backend(x, k, "triton"), "ours-hill")
-    add(f"gradience hill_plot ({len(ks)} log ks)",
-        lambda: gk.tail_stats(x, ks, backend="triton")[0][:, 0].sum().item(), "ours-plot")
+    # The CUDA C++ op first: "ours" for the ratios below (the default backend).
+    add("gradience hill, CUDA C++ (k=n/10)", lambda: _hill_backend(x, k, "cpp"), "ours-hill")
+    add("gradience hill, Triton (k=n/10)", lambda: _hill_backend(x, k, "triton"), "ours-hill-triton")
+    add(f"gradience hill_plot ({len(ks)} log ks), CUDA C++",
+        lambda: gk.tail_stats(x, ks)[0][:, 0].sum().item(), "ours-plot")
+    add(f"gradience hill_plot ({len(ks)} log ks), Triton",
+        lambda: gk.tail_stats(x, ks, backend="triton")[0][:, 0].sum().item(), "ours-plot-triton")
     add("gradience quantile (3 q)", lambda: gk.quantile(x, [0.001, 0.5, 0.999]).sum().item(),
         "ours-quantile")
     add("torch.topk Hill", lambda: topk_hill(x, k), "hill", max(1, repeats // 3))
@@ -99,11 +103,15 @@ def run_list_case(n, device, repeats):
     cuts[-1] = n
     parts = [flat[int(a):int(b)] for a, b in zip(cuts[:-1], cuts[1:])]
     k = n // 10
-    t_flat, _ = harness.time_median(lambda: _hill_backend(flat, k, "triton"), repeats, 1, device)
-    t_list, _ = harness.time_median(lambda: gk.tail_stats(parts, [k], backend="triton")[0]
-                                    .sum().item(), repeats, 1, device)
-    return {"n": n, "name": "gradience hill, 200 tensors (list API)", "median_s": t_list,
-            "flat_median_s": t_flat, "list_over_flat": t_list / t_flat}
+    out = []
+    for backend, label in (("cpp", "CUDA C++"), ("triton", "Triton")):
+        t_flat, _ = harness.time_median(lambda: _hill_backend(flat, k, backend), repeats, 1,
+                                        device)
+        t_list, _ = harness.time_median(lambda: gk.tail_stats(parts, [k], backend=backend)[0]
+                                        .sum().item(), repeats, 1, device)
+        out.append({"n": n, "name": f"gradience hill, 200 tensors (list API), {label}",
+                    "median_s": t_list, "flat_median_s": t_flat, "list_over_flat": t_list / t_flat})
+    return out
 
 
 def main(argv=None) -> int:
@@ -135,8 +143,9 @@ def main(argv=None) -> int:
                  ("ratio_to_read", "x read", ".2f"), ("speedup", "gradience faster", ".1f"),
                  ("note", "note", "")]))
     biggest = int(max(args.sizes))
-    lists.append(run_list_case(biggest, device, repeats))
-    print(f"\nlist of 200 tensors, n = {biggest:.0e}: {lists[-1]['list_over_flat']:.2f}x the flat tensor")
+    lists.extend(run_list_case(biggest, device, repeats))
+    for r in lists:
+        print(f"\n{r['name']}, n = {biggest:.0e}: {r['list_over_flat']:.2f}x the flat tensor")
     machine = harness.machine_info(device.type)
     name = args.out or ("bench_tail_" + (machine.get("gpu", "cpu").replace(" ", "_")
                                          .replace("/", "_")).lower())

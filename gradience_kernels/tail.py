@@ -193,18 +193,22 @@ def tail_stats(
     process passes its shard; with ``per_tensor`` tensor i of every process is one sample), and
     every process gets the exact global result, from merged histograms (see ``distributed``).
 
-    ``backend``: "cpp" (the fused C++ op, CPU), "cuda" (the C++ library's CUDA passes) or
-    "triton" (the Triton passes: CUDA compiled, CPU under TRITON_INTERPRET=1); the last two run
-    the radix descent with the histograms read on the host, one sync per pass. Default: "cpp" for
-    CPU tensors, "triton" for CUDA tensors (until the GPU benchmark of issue 4 picks per dtype).
+    ``backend``: "cpp" (default: the fused C++ op of the tensors' device: the CPU engine, or
+    on CUDA the passes of csrc/tail/tail_passes_cuda.cu walked in C++), "passes" (the library's
+    pass ops with the descent walked in Python, as the distributed path runs them) or "triton"
+    (the Triton passes: CUDA compiled, CPU under TRITON_INTERPRET=1, walked in Python). The
+    default stays "cpp" on CUDA as well: one dispatcher call that torch.compile keeps in one
+    graph, against a Python walk per pass for the Triton passes; bench/bench_tail_gpu.py times
+    both per dtype on a GPU (see the README for the figures).
     """
     xs = _as_sample(x)
     ks = [int(k) for k in ks]
     k_ratios = [float(r) for r in k_ratios]
-    if backend not in (None, "cpp", "cuda", "triton"):
-        raise ValueError(f"backend must be 'cpp', 'cuda' or 'triton', got backend={backend!r}")
+    if backend not in (None, "cpp", "passes", "triton"):
+        raise ValueError(
+            f"backend must be 'cpp', 'passes' or 'triton', got backend={backend!r}")
     if backend is None:
-        backend = "triton" if xs[0].device.type == "cuda" else "cpp"
+        backend = "cpp"
     if process_group is not None or backend != "cpp":
         from . import distributed
 

@@ -4,8 +4,8 @@ block), with fake kernels, so they pass opcheck and torch.compile; on CPU they r
 TRITON_INTERPRET=1 (tests), on CUDA compiled.
 
 ``TRITON_PASSES`` plugs them into the radix descent of ``distributed.py``:
-``tail_stats(x, ..., backend="triton")`` runs the same descent with these passes. CUDA tensors
-take this backend by default (the C++ library has no CUDA kernels yet).
+``tail_stats(x, ..., backend="triton")`` runs the same descent with these passes (the default
+for CUDA tensors is the C++ library's CUDA op; bench/bench_tail_gpu.py times both).
 """
 
 from __future__ import annotations

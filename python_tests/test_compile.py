@@ -17,10 +17,6 @@ def monitor(x: torch.Tensor, layers: list[torch.Tensor]):
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compile_fullgraph(backend, device):
-    if device.type == "cuda":
-        # CUDA tensors take the Triton backend, whose descent walks histograms on the host
-        # (data-dependent): not one graph. The CUDA C++ ops of issue 4 will be.
-        pytest.skip("no CUDA kernel of the fused ops yet; the Triton descent is host-driven")
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(0)
     x = torch.empty(20_000, dtype=torch.float64).cauchy_(generator=g).float().to(device)

@@ -83,7 +83,7 @@ def test_cuda_passes_equal_cpu_passes(dtype):
     assert torch.equal(hist.cpu(), want_hist) and torch.equal(counts.cpu(), want_counts)
     n_eff = ref.counts(x)["n_eff"]
     ks = [1, 9, 1000, n_eff // 2, n_eff - 1]
-    rows, got_counts = gk.tail_stats(xc, ks, backend="cuda")
+    rows, got_counts = gk.tail_stats(xc, ks, backend="passes")
     want_rows, _ = gk.tail_stats(x, ks)
     assert torch.equal(got_counts.cpu(), want_counts)
     _assert_rows_close(rows, want_rows, x, ks)

@@ -1,5 +1,7 @@
-// CPU glue of the tail ops: argument checks, rank planning, allocation of outputs. The schemas
-// live in csrc/registration.cpp; the engine in order_stats_cpu.cpp.
+// Glue of the tail ops for CPU and CUDA tensors: argument checks, rank planning, allocation of
+// outputs. The schemas live in csrc/registration.cpp; the engines in order_stats_cpu.cpp (CPU)
+// and order_stats_cuda.cpp (CUDA passes walked on the host). Results are planned on the host
+// and moved to the sample's device: a handful of float64 rows.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -7,6 +9,8 @@
 #include <cmath>
 #include <string>
 
+#include "tail/host_descent.h"
+#include "tail/order_stats_cuda.h"
 #include "tail/order_stats_kernels.h"
 #include "tail/tensor_views.h"
 
@@ -14,6 +18,28 @@ namespace gradience::tail {
 namespace {
 
 constexpr auto kCPU = c10::DeviceType::CPU;
+constexpr auto kCUDA = c10::DeviceType::CUDA;
+
+// The engine of a sample's device: the fused CPU engine, the CUDA passes walked on the host,
+// or (GRADIENCE_HOST_DESCENT=1, for tests on machines without a GPU) the CPU passes walked on
+// the host like the CUDA ones. `views` must outlive the engine.
+std::unique_ptr<OrderStatsEngine> make_engine(at::TensorList xs, FloatFormat format,
+                                              bool absolute, std::vector<StridedView>& views) {
+#ifdef GRADIENCE_WITH_CUDA
+  if (xs[0].device().type() == kCUDA) return make_order_stats_cuda(xs, format, absolute);
+#endif
+  TORCH_CHECK_VALUE(xs[0].device().type() == kCPU, "xs: no kernel for device ", xs[0].device());
+  views = strided_views_of(xs);
+  auto cpu = make_order_stats_cpu(format, absolute, views.data(),
+                                  static_cast<int64_t>(views.size()));
+  if (host_descent_requested()) return make_host_descent(std::move(cpu), format, absolute);
+  return cpu;
+}
+
+// A result planned on the host, on the sample's device.
+at::Tensor on_device_of(const at::Tensor& result, at::TensorList xs) {
+  return xs[0].device().is_cpu() ? result : result.to(xs[0].device());
+}
 
 void check_k_arguments(at::IntArrayRef ks, at::ArrayRef<double> k_ratios, int64_t n_total) {
   for (size_t i = 0; i < ks.size(); ++i) {
@@ -67,10 +93,9 @@ void write_row(const TailRow& row, double* out) {
 // Runs the engine over one sample and writes one row per k into rows ([n_k, kTailRowWidth]).
 void tail_rows_for_sample(at::TensorList xs, at::IntArrayRef ks, at::ArrayRef<double> k_ratios,
                           double* rows, int64_t* counts_out, const std::string& where) {
-  const FloatFormat format = check_sample(xs, "xs", kCPU);
-  const std::vector<StridedView> views = strided_views_of(xs);
-  auto engine = make_order_stats_cpu(format, /*absolute=*/true, views.data(),
-                                     static_cast<int64_t>(views.size()));
+  const FloatFormat format = check_sample(xs, "xs", xs[0].device().type());
+  std::vector<StridedView> views;
+  auto engine = make_engine(xs, format, /*absolute=*/true, views);
   if (ks.empty() && k_ratios.empty()) {
     write_counts(engine->count(), counts_out);
     return;
@@ -123,9 +148,10 @@ void tail_rows_for_sample(at::TensorList xs, at::IntArrayRef ks, at::ArrayRef<do
 at::TensorOptions f64() { return at::TensorOptions().dtype(at::kDouble); }
 at::TensorOptions i64() { return at::TensorOptions().dtype(at::kLong); }
 
-std::tuple<at::Tensor, at::Tensor> tail_stats_cpu(at::TensorList xs, at::IntArrayRef ks,
-                                                  at::ArrayRef<double> k_ratios) {
-  check_sample(xs, "xs", kCPU);
+template <c10::DeviceType D>
+std::tuple<at::Tensor, at::Tensor> tail_stats_op(at::TensorList xs, at::IntArrayRef ks,
+                                                 at::ArrayRef<double> k_ratios) {
+  check_sample(xs, "xs", D);
   const int64_t n_total = total_numel(xs);
   TORCH_CHECK_VALUE(n_total > 0, "xs: expected a non-empty sample, got 0 elements");
   check_k_arguments(ks, k_ratios, n_total);
@@ -134,13 +160,16 @@ std::tuple<at::Tensor, at::Tensor> tail_stats_cpu(at::TensorList xs, at::IntArra
   at::Tensor counts = at::empty({4}, i64());
   tail_rows_for_sample(xs, ks, k_ratios, rows.data_ptr<double>(), counts.data_ptr<int64_t>(),
                        "");
-  return {rows, counts};
+  return {on_device_of(rows, xs), on_device_of(counts, xs)};
 }
 
-std::tuple<at::Tensor, at::Tensor> tail_stats_per_tensor_cpu(at::TensorList xs,
-                                                             at::IntArrayRef ks,
-                                                             at::ArrayRef<double> k_ratios) {
-  check_sample(xs, "xs", kCPU);
+// One descent per tensor (on CUDA one launch sequence per tensor: a single sequence for all of
+// them needs per-tensor histograms on the device, not done yet).
+template <c10::DeviceType D>
+std::tuple<at::Tensor, at::Tensor> tail_stats_per_tensor_op(at::TensorList xs,
+                                                            at::IntArrayRef ks,
+                                                            at::ArrayRef<double> k_ratios) {
+  check_sample(xs, "xs", D);
   for (size_t t = 0; t < xs.size(); ++t) {
     TORCH_CHECK_VALUE(xs[t].numel() > 0, "xs[", t, "]: expected a non-empty tensor");
     check_k_arguments(ks, k_ratios, xs[t].numel());
@@ -154,12 +183,13 @@ std::tuple<at::Tensor, at::Tensor> tail_stats_per_tensor_cpu(at::TensorList xs,
                          rows.data_ptr<double>() + t * n_k * kTailRowWidth,
                          counts.data_ptr<int64_t>() + t * 4, "xs[" + std::to_string(t) + "]: ");
   }
-  return {rows, counts};
+  return {on_device_of(rows, xs), on_device_of(counts, xs)};
 }
 
-at::Tensor hill_cpu(const at::Tensor& x, int64_t k) {
+template <c10::DeviceType D>
+at::Tensor hill_op(const at::Tensor& x, int64_t k) {
   const at::Tensor xs[] = {x};
-  check_sample(xs, "x", kCPU);
+  check_sample(xs, "x", D);
   TORCH_CHECK_VALUE(x.numel() > 0, "x: expected a non-empty tensor, got 0 elements");
   TORCH_CHECK_VALUE(k >= 1, "k must be >= 1, got k=", k);
   TORCH_CHECK_VALUE(k < x.numel(), "k must be < n_eff, got k=", k, " for a tensor of only ",
@@ -169,12 +199,13 @@ at::Tensor hill_cpu(const at::Tensor& x, int64_t k) {
   const int64_t ks[] = {k};
   tail_rows_for_sample(xs, ks, {}, row, counts, "");
   // alpha = 1 / gamma, gamma = H1 / k (Hill 1975).
-  return at::scalar_tensor(row[0] / row[5], f64());
+  return on_device_of(at::scalar_tensor(row[0] / row[5], f64()), xs);
 }
 
 // Ascending 1-based ranks of signed x, or descending ranks of |x| (finite nonzero), in float64.
-at::Tensor order_statistics_cpu(at::TensorList xs, at::IntArrayRef ranks, bool absolute) {
-  const FloatFormat format = check_sample(xs, "xs", kCPU);
+// On the host: quantile reads the values before they go to the device.
+at::Tensor order_statistics_host(at::TensorList xs, at::IntArrayRef ranks, bool absolute) {
+  const FloatFormat format = check_sample(xs, "xs", xs[0].device().type());
   const int64_t n_total = total_numel(xs);
   TORCH_CHECK_VALUE(n_total > 0, "xs: expected a non-empty sample, got 0 elements");
   for (size_t i = 0; i < ranks.size(); ++i) {
@@ -183,9 +214,8 @@ at::Tensor order_statistics_cpu(at::TensorList xs, at::IntArrayRef ranks, bool a
   }
   at::Tensor out = at::empty({static_cast<int64_t>(ranks.size())}, f64());
   if (ranks.empty()) return out;
-  const std::vector<StridedView> views = strided_views_of(xs);
-  auto engine = make_order_stats_cpu(format, absolute, views.data(),
-                                     static_cast<int64_t>(views.size()));
+  std::vector<StridedView> views;
+  auto engine = make_engine(xs, format, absolute, views);
   const SampleCounts& counts = engine->count();
   double* result = out.data_ptr<double>();
   if (!absolute && counts.n_nan > 0) {
@@ -211,15 +241,22 @@ at::Tensor order_statistics_cpu(at::TensorList xs, at::IntArrayRef ranks, bool a
   return out;
 }
 
+template <c10::DeviceType D>
+at::Tensor order_statistics_op(at::TensorList xs, at::IntArrayRef ranks, bool absolute) {
+  check_sample(xs, "xs", D);
+  return on_device_of(order_statistics_host(xs, ranks, absolute), xs);
+}
+
 // numpy's two-sided lerp (numpy.lib._function_base_impl._lerp, also torch.lerp's form).
 double lerp(double a, double b, double t) {
   const double diff = b - a;
   return t >= 0.5 ? b - diff * (1.0 - t) : a + diff * t;
 }
 
-at::Tensor quantile_cpu(at::TensorList xs, at::ArrayRef<double> q,
-                        c10::string_view interpolation) {
-  check_sample(xs, "xs", kCPU);
+template <c10::DeviceType D>
+at::Tensor quantile_op(at::TensorList xs, at::ArrayRef<double> q,
+                       c10::string_view interpolation) {
+  check_sample(xs, "xs", D);
   const std::string mode(interpolation);
   TORCH_CHECK_VALUE(mode == "linear" || mode == "lower" || mode == "higher" ||
                         mode == "nearest" || mode == "midpoint",
@@ -232,7 +269,7 @@ at::Tensor quantile_cpu(at::TensorList xs, at::ArrayRef<double> q,
                       q[i]);
   }
   const auto out_dtype = xs[0].scalar_type();
-  if (q.empty()) return at::empty({0}, at::TensorOptions().dtype(out_dtype));
+  if (q.empty()) return at::empty({0}, at::TensorOptions().dtype(out_dtype).device(xs[0].device()));
 
   // Positions as numpy computes them: virtual index h = (n - 1) q in float64.
   std::vector<int64_t> below(q.size()), above(q.size());
@@ -267,7 +304,7 @@ at::Tensor quantile_cpu(at::TensorList xs, at::ArrayRef<double> q,
   }
   std::sort(ranks.begin(), ranks.end());
   ranks.erase(std::unique(ranks.begin(), ranks.end()), ranks.end());
-  const at::Tensor values = order_statistics_cpu(xs, ranks, /*absolute=*/false);
+  const at::Tensor values = order_statistics_host(xs, ranks, /*absolute=*/false);
   const double* v = values.data_ptr<double>();
   auto value_at = [&](int64_t index) {
     return v[std::lower_bound(ranks.begin(), ranks.end(), index + 1) - ranks.begin()];
@@ -279,36 +316,36 @@ at::Tensor quantile_cpu(at::TensorList xs, at::ArrayRef<double> q,
     const double b = value_at(above[i]);
     r[i] = (mode == "linear" || mode == "midpoint") ? lerp(a, b, weight[i]) : a;
   }
-  return result.to(out_dtype);
+  return on_device_of(result.to(out_dtype), xs);
 }
 
 // Pass 1 of the radix descent for merging across processes: the top-digit histogram of the
 // keys (|x| or signed) and the counts (n_eff, n_zero, n_nan, n_inf).
-std::tuple<at::Tensor, at::Tensor> tail_histogram_cpu(at::TensorList xs, bool absolute) {
-  const FloatFormat format = check_sample(xs, "xs", kCPU);
+template <c10::DeviceType D>
+std::tuple<at::Tensor, at::Tensor> tail_histogram_op(at::TensorList xs, bool absolute) {
+  const FloatFormat format = check_sample(xs, "xs", D);
   TORCH_CHECK_VALUE(total_numel(xs) > 0, "xs: expected a non-empty sample, got 0 elements");
-  const std::vector<StridedView> views = strided_views_of(xs);
-  auto engine = make_order_stats_cpu(format, absolute, views.data(),
-                                     static_cast<int64_t>(views.size()));
+  std::vector<StridedView> views;
+  auto engine = make_engine(xs, format, absolute, views);
   const SampleCounts& c = engine->count();
   const std::vector<uint64_t>& h = engine->top_histogram();
   at::Tensor hist = at::empty({static_cast<int64_t>(h.size())}, i64());
   std::copy(h.begin(), h.end(), hist.data_ptr<int64_t>());
   at::Tensor counts = at::empty({4}, i64());
   write_counts(c, counts.data_ptr<int64_t>());
-  return {hist, counts};
+  return {on_device_of(hist, xs), on_device_of(counts, xs)};
 }
 
 // One later pass of the descent: digit histograms [len(bins), 2^width] of `level` inside the
 // prefix bins of level - 1 and, with log sums (|x| only), the bucket sums of y = log|x| -
 // log_ref of the other entries above the lowest bin.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tail_level_pass_cpu(
+template <c10::DeviceType D>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tail_level_pass_op(
     at::TensorList xs, bool absolute, int64_t level, at::IntArrayRef bins, bool with_log_sums) {
-  const FloatFormat format = check_sample(xs, "xs", kCPU);
+  const FloatFormat format = check_sample(xs, "xs", D);
   check_level_pass(key_layout(format, absolute), xs, absolute, level, bins, with_log_sums);
-  const std::vector<StridedView> views = strided_views_of(xs);
-  auto engine = make_order_stats_cpu(format, absolute, views.data(),
-                                     static_cast<int64_t>(views.size()));
+  std::vector<StridedView> views;
+  auto engine = make_engine(xs, format, absolute, views);
   LevelPass pass;
   engine->level_pass(static_cast<int>(level), std::vector<int64_t>(bins.begin(), bins.end()),
                      with_log_sums, pass);
@@ -322,19 +359,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tail_level_pass_cpu(
     std::copy(pass.bucket_log_sq.begin(), pass.bucket_log_sq.end(),
               bucket_log_sq.data_ptr<double>());
   }
-  return {sub, bucket_log, bucket_log_sq, at::scalar_tensor(pass.log_ref, f64())};
+  return {on_device_of(sub, xs), on_device_of(bucket_log, xs), on_device_of(bucket_log_sq, xs),
+          on_device_of(at::scalar_tensor(pass.log_ref, f64()), xs)};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gradience, CPU, m) {
-  m.impl("tail_histogram", &tail_histogram_cpu);
-  m.impl("tail_level_pass", &tail_level_pass_cpu);
-  m.impl("tail_stats", &tail_stats_cpu);
-  m.impl("tail_stats_per_tensor", &tail_stats_per_tensor_cpu);
-  m.impl("hill", &hill_cpu);
-  m.impl("order_statistics", &order_statistics_cpu);
-  m.impl("quantile", &quantile_cpu);
+  m.impl("tail_histogram", &tail_histogram_op<kCPU>);
+  m.impl("tail_level_pass", &tail_level_pass_op<kCPU>);
+  m.impl("tail_stats", &tail_stats_op<kCPU>);
+  m.impl("tail_stats_per_tensor", &tail_stats_per_tensor_op<kCPU>);
+  m.impl("hill", &hill_op<kCPU>);
+  m.impl("order_statistics", &order_statistics_op<kCPU>);
+  m.impl("quantile", &quantile_op<kCPU>);
 }
+
+#ifdef GRADIENCE_WITH_CUDA
+TORCH_LIBRARY_IMPL(gradience, CUDA, m) {
+  m.impl("tail_histogram", &tail_histogram_op<kCUDA>);
+  m.impl("tail_level_pass", &tail_level_pass_op<kCUDA>);
+  m.impl("tail_stats", &tail_stats_op<kCUDA>);
+  m.impl("tail_stats_per_tensor", &tail_stats_per_tensor_op<kCUDA>);
+  m.impl("hill", &hill_op<kCUDA>);
+  m.impl("order_statistics", &order_statistics_op<kCUDA>);
+  m.impl("quantile", &quantile_op<kCUDA>);
+}
+#endif
 
 }  // namespace gradience::tail
