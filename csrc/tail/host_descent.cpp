@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <numeric>
+#include <utility>
 #include <stdexcept>
 #include <vector>
 
@@ -199,7 +200,7 @@ class HostDescent final : public OrderStatsEngine {
           }
           for (int t = 0; t < n; ++t) {
             const int j = row_of[t];
-            const int digit = digit_of(pass, j, residual[t]);
+            const int digit = digit_of(pass, j, residual[t]).first;
             CompensatedSum s1 = above1[j], s2 = above2[j];
             s1.add(rows[j].above_log[digit]);
             s2.add(rows[j].above_log_sq[digit]);
@@ -208,16 +209,9 @@ class HostDescent final : public OrderStatsEngine {
           }
         }
         for (int t = 0; t < n; ++t) {
-          const int j = row_of[t];
-          const uint64_t* h = pass.sub_total.data() + static_cast<size_t>(j) * digits;
-          int64_t above = 0;
-          int d = digits - 1;
-          while (d > 0 && above + static_cast<int64_t>(h[d]) < residual[t]) {
-            above += static_cast<int64_t>(h[d]);
-            --d;
-          }
+          const auto [digit, above] = digit_of(pass, row_of[t], residual[t]);
           residual[t] -= above;
-          key[t] = (key[t] << width) | static_cast<uint64_t>(d);
+          key[t] = (key[t] << width) | static_cast<uint64_t>(digit);
         }
       }
     }
@@ -235,8 +229,9 @@ class HostDescent final : public OrderStatsEngine {
   }
 
  private:
-  // The digit of row j that holds the residual rank (the walk of the loop below, for the sums).
-  static int digit_of(const LevelPass& pass, int j, int64_t residual) {
+  // The digit of row j (walked from the top) that holds the residual rank, and the count of the
+  // row's entries above that digit.
+  static std::pair<int, int64_t> digit_of(const LevelPass& pass, int j, int64_t residual) {
     const uint64_t* h = pass.sub_total.data() + static_cast<size_t>(j) * pass.digit_bins;
     int64_t above = 0;
     int d = pass.digit_bins - 1;
@@ -244,7 +239,7 @@ class HostDescent final : public OrderStatsEngine {
       above += static_cast<int64_t>(h[d]);
       --d;
     }
-    return d;
+    return {d, above};
   }
 
   std::unique_ptr<OrderStatsEngine> passes_;
