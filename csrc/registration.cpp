@@ -38,4 +38,17 @@ TORCH_LIBRARY(gradience, m) {
   m.def(
       "bootstrap_tail_statistics(Tensor logs, int m, int[] ks, int n_resamples, int seed, "
       "int first_resample) -> Tensor");
+  // Continuous power-law fit of each layer's values (Clauset-Shalizi-Newman 2009, powerlaw's
+  // conventions; see csrc/spectral/power_law_kernels.h): for every candidate xmin (the distinct
+  // values but the largest two) the MLE alpha and the KS distance D, the fit at minimal D among
+  // candidates with alpha_range[0] < alpha < alpha_range[1] (every one if alpha_range is []).
+  // fits: float64 [len(xs), 4] = (xmin, alpha, D, sigma); counts: int64 [len(xs), 7] =
+  // (n_candidates, best, n_tail, n_used, n_dropped, n_above_xmax, n_eligible); curves: float64
+  // [3, N] rows (xmin, alpha, D) and n_tails: int64 [N], N = sum of numel, layer l's candidates
+  // from column sum_{j<l} numel(xs[j]) on. xmax_alpha: 'mle' | 'powerlaw'; d_mode: 'pruned' |
+  // 'exhaustive' (the same D).
+  m.def(
+      "fit_power_law(Tensor[] xs, float? xmax, str xmax_alpha, float[] alpha_range, "
+      "bool drop_nonpositive, str d_mode) -> (Tensor fits, Tensor counts, Tensor curves, "
+      "Tensor n_tails)");
 }

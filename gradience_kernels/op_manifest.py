@@ -89,6 +89,13 @@ MANIFEST: list[OpSample] = [
         "Hill and moment statistics of 7 resamples of 300, ks without NaN (CPU only)",
         devices=("cpu",),
     ),
+    OpSample(
+        "fit_power_law",
+        lambda d: ([_heavy(600, d, torch.float64, seed=6), _heavy(300, d, seed=7)], 50.0,
+                   "powerlaw", [0.0, 3.0], True, "pruned"),
+        "power-law fits of two layers (float64, float32), signs dropped, xmax, alpha range",
+        devices=("cpu",),
+    ),
 ]
 
 
