@@ -7,8 +7,12 @@ Importing the package loads the compiled extension ``_C`` (which registers every
 import torch  # noqa: F401  (loads libtorch/libc10, which _C links against)
 
 from . import _C  # noqa: F401  (must come before any torch.library call: registers the ops)
-from . import power_law, tail, tail_fits, tail_inference, tail_selection, tail_triton  # noqa: F401
+from . import (power_law, spectral, spectral_metrics, tail, tail_fits,  # noqa: F401
+               tail_inference, tail_selection, tail_triton)
 from .power_law import *  # noqa: F401,F403
+from .spectral import *  # noqa: F401,F403
+from . import spectral_metrics as _metrics_module  # the function of that name shadows it
+from .spectral_metrics import *  # noqa: F401,F403
 from .tail import *  # noqa: F401,F403  (the public API, listed once in each module's __all__)
 from .tail_fits import *  # noqa: F401,F403
 from .tail_inference import *  # noqa: F401,F403
@@ -17,4 +21,5 @@ from .tail_selection import *  # noqa: F401,F403
 __version__ = "0.1.0"
 
 __all__ = (list(tail.__all__) + list(tail_fits.__all__) + list(tail_inference.__all__)
-           + list(tail_selection.__all__) + list(power_law.__all__))
+           + list(tail_selection.__all__) + list(power_law.__all__) + list(spectral.__all__)
+           + list(_metrics_module.__all__))
