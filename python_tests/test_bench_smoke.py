@@ -52,3 +52,29 @@ def test_bench_tail_gpu_smoke(tmp_path):
     topk = [r for r in payload["rows"] if r["name"] == "torch.topk Hill"]
     assert all(r["alpha_rel_diff"] < 1e-6 for r in topk)
     assert payload["list_rows"][0]["list_over_flat"] > 0
+
+
+SPECTRAL_BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_spectral.py"
+
+
+def test_bench_spectral_smoke(tmp_path):
+    """bench_spectral.py --quick: the SVD and power-law rows it composes, and analyze against
+    WeightWatcher (compared when weightwatcher is importable) on the tiny transformer."""
+    out = subprocess.run(
+        [sys.executable, str(SPECTRAL_BENCH), "--quick", "--out", "spectral_smoke",
+         "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    payload = json.loads((tmp_path / "spectral_smoke.json").read_text())
+    assert payload["machine"]["torch"]
+    assert payload["svd_rows"], payload.get("svd_error")
+    assert payload["power_law_rows"], payload.get("power_law_error")
+    info = payload["analyze"]
+    assert info["layers_ours"] == info["model"]["weight_matrices"] == 14
+    assert info["median_s"]["auto"] > 0
+    if not str(info["weightwatcher"]).startswith("not available"):
+        assert info["layers_matched"] == 14
+        assert info["max_alpha_diff"] < 0.01
+        assert info["max_alpha_diff_float64"] < 1e-9
+        assert info["max_n_tail_diff"] == 0
