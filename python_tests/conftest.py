@@ -33,3 +33,25 @@ def devices() -> list[str]:
 @pytest.fixture(params=devices())
 def device(request):
     return torch.device(request.param)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch and BLAS limited to one thread for a module of many tiny factorizations: on a shared,
+    loaded 2-core machine every intra-op parallel region of them waits on busy threads (measured
+    69 s for test_randomized_svd.py with 2 threads against 4 s with 1); no result depends on the
+    thread count. threadpoolctl (optional) also limits the NumPy reference's BLAS."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        threadpool_limits = None
+    try:
+        if threadpool_limits is None:
+            yield
+        else:
+            with threadpool_limits(1):
+                yield
+    finally:
+        torch.set_num_threads(before)

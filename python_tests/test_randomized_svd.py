@@ -21,23 +21,7 @@ import reference as ref
 from gradience_kernels.spectral import hmt_expected_error_bound, randomized_svd
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tests run thousands of tiny factorizations: on a shared, loaded 2-core machine
-    every intra-op parallel region of them waits on busy OpenMP threads (measured 69 s for this
-    file with 2 threads against 4 s with 1), and no result here depends on the thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:  # the NumPy reference's BLAS threads likewise (measured 0.6 s -> 1.3 ms per 200x120 SVD)
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover
-        threadpool_limits = None
-    if threadpool_limits is None:
-        yield
-    else:
-        with threadpool_limits(1):
-            yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch/BLAS thread
 
 
 def fp_allowance(dtype: torch.dtype, shape, s1: float, c: float = 8.0) -> float:

@@ -28,22 +28,7 @@ from gradience_kernels.spectral_metrics import (
 EPS64 = torch.finfo(torch.float64).eps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many tiny factorizations: one thread avoids waits on busy OpenMP/BLAS threads of a shared
-    machine (see test_randomized_svd.py); no result depends on the thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover
-        threadpool_limits = None
-    if threadpool_limits is None:
-        yield
-    else:
-        with threadpool_limits(1):
-            yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch/BLAS thread
 
 
 def gen(seed: int) -> torch.Generator:
