@@ -53,7 +53,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
 
-from gradience_kernels.analyze import analyze  # noqa: E402
+from gradience_kernels.analysis import analyze  # noqa: E402
 
 DFS = (2.0, 2.5, 3.0, 4.0)
 FULL = {"vocab": 8192, "width": 768, "mlp": 3072, "blocks": 4}

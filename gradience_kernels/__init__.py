@@ -7,14 +7,12 @@ Importing the package loads the compiled extension ``_C`` (which registers every
 import torch  # noqa: F401  (loads libtorch/libc10, which _C links against)
 
 from . import _C  # noqa: F401  (must come before any torch.library call: registers the ops)
-from . import (analyze, power_law, spectral, spectral_metrics, tail, tail_fits,  # noqa: F401
+from . import (analysis, power_law, spectral, spectrum_metrics, tail, tail_fits,  # noqa: F401
                tail_inference, tail_selection, tail_triton)
-from . import analyze as _analyze_module  # the function of that name shadows it
-from .analyze import *  # noqa: F401,F403
+from .analysis import *  # noqa: F401,F403
 from .power_law import *  # noqa: F401,F403
 from .spectral import *  # noqa: F401,F403
-from . import spectral_metrics as _metrics_module  # the function of that name shadows it
-from .spectral_metrics import *  # noqa: F401,F403
+from .spectrum_metrics import *  # noqa: F401,F403
 from .tail import *  # noqa: F401,F403  (the public API, listed once in each module's __all__)
 from .tail_fits import *  # noqa: F401,F403
 from .tail_inference import *  # noqa: F401,F403
@@ -24,4 +22,4 @@ __version__ = "0.1.0"
 
 __all__ = (list(tail.__all__) + list(tail_fits.__all__) + list(tail_inference.__all__)
            + list(tail_selection.__all__) + list(power_law.__all__) + list(spectral.__all__)
-           + list(_metrics_module.__all__) + list(_analyze_module.__all__))
+           + list(spectrum_metrics.__all__) + list(analysis.__all__))

@@ -8,7 +8,7 @@ import sys
 
 
 def _analyze_command(args, parser: argparse.ArgumentParser) -> int:
-    from .analyze import analyze, format_rows, write_rows
+    from .analysis import analyze, format_rows, write_rows
 
     if args.min_evals < 0 or args.max_evals < 0 or args.max_n < 1:
         parser.error(f"--min-evals and --max-evals must be >= 0 and --max-n >= 1, got "
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                     "with torch.load(weights_only=True); .safetensors with the safetensors "
                     "package): power-law alpha of the ESD tail, xmin, D, tail size, stable and "
                     "effective rank, norms, Marchenko-Pastur spikes; WeightWatcher 0.7.7's "
-                    "conventions (see gradience_kernels.analyze).")
+                    "conventions (see gradience_kernels.analysis).")
     an.add_argument("path", help="state_dict file: .pt, .pth, .bin, .ckpt or .safetensors")
     an.add_argument("--format", choices=["table", "json", "csv"], default="table",
                     help="what to print on stdout (default: an aligned table)")

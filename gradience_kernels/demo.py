@@ -161,7 +161,7 @@ SPECTRA_STEPS = 500
 def spectra_table(seed: int = 0, steps: int = SPECTRA_STEPS) -> list[dict[str, object]]:
     """``analyze`` of the demo MLP (the model of the gradient rows, same data and optimizer)
     at initialization and after `steps` SGD steps: one row per layer with both."""
-    from .analyze import analyze
+    from .analysis import analyze
 
     initial, model, _ = train_small_model(seed, steps)
     t0 = time.perf_counter()

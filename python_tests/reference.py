@@ -353,7 +353,7 @@ def power_law_scan(x, xmax: float | None = None, xmax_alpha: str = "mle",
 
 
 # --------------------------------------------------------------------------- spectra (issue 5)
-# Spectral references for gradience_kernels.spectral / spectral_metrics: float64 NumPy full SVDs
+# Spectral references for gradience_kernels.spectral / spectrum_metrics: float64 NumPy full SVDs
 # and eigvalsh of Gram matrices, WeightWatcher's slicing written out independently, textbook
 # metric formulas, and the Marchenko-Pastur median by numerical quadrature (not the closed form).
 def svd_values(a) -> np.ndarray:

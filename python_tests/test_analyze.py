@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import reference as ref
-from gradience_kernels import analyze as an
+from gradience_kernels import analysis as an
 from gradience_kernels.__main__ import main
 
 EPS64 = float(np.finfo(np.float64).eps)

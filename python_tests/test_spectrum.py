@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import reference as ref
 from gradience_kernels.spectral import esd, spectrum
-from gradience_kernels.spectral_metrics import (
+from gradience_kernels.spectrum_metrics import (
     TW1_QUANTILE_99,
     marchenko_pastur_cdf,
     marchenko_pastur_fit,

@@ -51,7 +51,7 @@ its source (weightwatcher/weightwatcher.py, constants.py, WW_powerlaw.py):
   alpha_weighted = alpha * log10(lambda_max), log_alpha_norm = log10(sum lambda^alpha),
   matrix_rank = #{s > s_max * N * eps}, warning 'over-trained' (alpha < 2) / 'under-trained'
   (alpha > 6), entropy (matrix_entropy: -sum p log p / log(rank), p = lambda / sum lambda).
-  Added here, from ``spectral_metrics``: spectral_norm = sqrt(lambda_max) (||W||_2 for a dense
+  Added here, from ``spectrum_metrics``: spectral_norm = sqrt(lambda_max) (||W||_2 for a dense
   layer), frobenius_norm, nuclear_norm = sum s, effective_rank = exp(entropy of s / sum s) (Roy
   and Vetterli 2007), condition_number = s_max / s_min (for a pooled conv layer those of the
   block-diagonal matrix of its slices), and per matrix the Marchenko-Pastur fit of
@@ -567,7 +567,7 @@ def _fit_layers(layers: list[_Layer], idx: list[int], thresh: float) -> None:
 
 # --------------------------------------------------------------------------- metrics
 def _metrics(layer: _Layer) -> dict[str, Any]:
-    from .spectral_metrics import marchenko_pastur_fit, spectral_metrics
+    from .spectrum_metrics import marchenko_pastur_fit, spectral_metrics
 
     lam = layer.evals.numpy()
     lmax = float(lam[-1])
@@ -578,7 +578,7 @@ def _metrics(layer: _Layer) -> dict[str, Any]:
     sm = spectral_metrics(layer.evals, (rf * N, rf * M), values_are="squared",
                           dtype=torch.float64)
     # Marchenko-Pastur per slice (the slices are the random matrices), Gavish-Donoho noise level
-    # and Tracy-Widom 0.99 margin (spectral_metrics.marchenko_pastur_fit); edge in lambda units.
+    # and Tracy-Widom 0.99 margin (spectrum_metrics.marchenko_pastur_fit); edge in lambda units.
     mp = marchenko_pastur_fit(layer.per_matrix, (N, M), values_are="squared")
     s = np.sqrt(lam)
     out: dict[str, Any] = {
