@@ -286,20 +286,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--repeats must be >= 1, got --repeats={repeats}")
 
     payload: dict[str, object] = {"machine": harness.machine_info("cpu"), "quick": args.quick}
-    if "svd" in args.parts:
-        rows, err = _part("spectral_svd_rows", "svd_rows", quick=args.quick)
-        payload["svd_rows"], payload["svd_error"] = rows, err
+    # (part, module, function, JSON key, title): the row sets written beside this script.
+    row_parts = (("svd", "spectral_svd_rows", "svd_rows", "svd", "randomized SVD / spectrum"),
+                 ("fit", "spectral_fit_rows", "power_law_rows", "power_law", "power-law fit"))
+    for part, module, function, key, title in row_parts:
+        if part not in args.parts:
+            continue
+        rows, err = _part(module, function, quick=args.quick)
+        payload[f"{key}_rows"], payload[f"{key}_error"] = rows, err
         if rows:
-            _print_rows("randomized SVD / spectrum", rows)
+            _print_rows(title, rows)
         else:
-            print(f"\nrandomized SVD rows: {err}")
-    if "fit" in args.parts:
-        rows, err = _part("spectral_fit_rows", "power_law_rows", quick=args.quick)
-        payload["power_law_rows"], payload["power_law_error"] = rows, err
-        if rows:
-            _print_rows("power-law fit", rows)
-        else:
-            print(f"\npower-law fit rows: {err}")
+            print(f"\n{title} rows: {err}")
     if "analyze" in args.parts:
         info = run_analyze(args.quick, repeats, args.seed)
         payload["analyze"] = info

@@ -114,6 +114,16 @@ def _check_int(value, name: str, lo: int) -> int:
     return value
 
 
+def _check_float_array(t: torch.Tensor, label: str, expected: str, noun: str) -> None:
+    """A float tensor of at least 2 dims and some entries; messages name label and value."""
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{label}: expected a float dtype, got dtype={t.dtype}")
+    if t.dim() < 2:
+        raise ValueError(f"{label}: expected {expected}, got shape={tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{label}: empty {noun}, got shape={tuple(t.shape)}")
+
+
 def _matrices(A: MatrixOrList, name: str) -> tuple[list[torch.Tensor], bool]:
     """The matrices (each (..., m, n), detached) and whether the input was a list."""
     if isinstance(A, torch.Tensor):
@@ -129,12 +139,7 @@ def _matrices(A: MatrixOrList, name: str) -> tuple[list[torch.Tensor], bool]:
         label = f"{name}[{i}]" if is_list else name
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{label}: expected a tensor, got {type(t).__name__}")
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{label}: expected a float dtype, got dtype={t.dtype}")
-        if t.dim() < 2:
-            raise ValueError(f"{label}: expected a matrix (..., m, n), got shape={tuple(t.shape)}")
-        if t.numel() == 0:
-            raise ValueError(f"{label}: empty matrix, got shape={tuple(t.shape)}")
+        _check_float_array(t, label, "a matrix (..., m, n)", "matrix")
         out.append(t.detach())
     devices = {t.device for t in out}
     if len(devices) > 1:
@@ -453,12 +458,7 @@ def _weight_of(w, name: str) -> tuple[torch.Tensor, bool | None]:
 
 def _layout(W: torch.Tensor, conv: bool | None, label: str) -> tuple[torch.Tensor, tuple, bool]:
     """The (B, m, n) stack of matrices of W, the leading output shape, and whether it is conv."""
-    if not W.dtype.is_floating_point:
-        raise TypeError(f"{label}: expected a float dtype, got dtype={W.dtype}")
-    if W.dim() < 2:
-        raise ValueError(f"{label}: expected a matrix or a conv weight, got shape={tuple(W.shape)}")
-    if W.numel() == 0:
-        raise ValueError(f"{label}: empty weight, got shape={tuple(W.shape)}")
+    _check_float_array(W, label, "a matrix or a conv weight", "weight")
     if W.dim() == 2:
         return W.unsqueeze(0), (), False
     if conv is None:

@@ -173,11 +173,15 @@ class HostDescent final : public OrderStatsEngine {
         const int width = keys_.digit_width(level);
         const int digits = pass.digit_bins;
         const int m = static_cast<int>(bins.size());
-        std::vector<int> row_of(n);
+        // Each rank one digit down: its row, the digit holding it, its rank among that digit.
+        std::vector<int> row_of(n), digit(n);
         for (int t = 0; t < n; ++t) {
           row_of[t] = static_cast<int>(
               std::lower_bound(bins.begin(), bins.end(), static_cast<int64_t>(key[t])) -
               bins.begin());
+          const auto [d, above] = digit_of(pass, row_of[t], residual[t]);
+          digit[t] = d;
+          residual[t] -= above;
         }
         if (sums) {
           ref = pass.log_ref;
@@ -200,19 +204,14 @@ class HostDescent final : public OrderStatsEngine {
           }
           for (int t = 0; t < n; ++t) {
             const int j = row_of[t];
-            const int digit = digit_of(pass, j, residual[t]).first;
             CompensatedSum s1 = above1[j], s2 = above2[j];
-            s1.add(rows[j].above_log[digit]);
-            s2.add(rows[j].above_log_sq[digit]);
+            s1.add(rows[j].above_log[digit[t]]);
+            s2.add(rows[j].above_log_sq[digit[t]]);
             sum_log[t] = s1.value();
             sum_log_sq[t] = s2.value();
           }
         }
-        for (int t = 0; t < n; ++t) {
-          const auto [digit, above] = digit_of(pass, row_of[t], residual[t]);
-          residual[t] -= above;
-          key[t] = (key[t] << width) | static_cast<uint64_t>(digit);
-        }
+        for (int t = 0; t < n; ++t) key[t] = (key[t] << width) | static_cast<uint64_t>(digit[t]);
       }
     }
     for (int t = 0; t < n; ++t) {

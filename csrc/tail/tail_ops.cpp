@@ -365,26 +365,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tail_level_pass_op(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gradience, CPU, m) {
-  m.impl("tail_histogram", &tail_histogram_op<kCPU>);
-  m.impl("tail_level_pass", &tail_level_pass_op<kCPU>);
-  m.impl("tail_stats", &tail_stats_op<kCPU>);
-  m.impl("tail_stats_per_tensor", &tail_stats_per_tensor_op<kCPU>);
-  m.impl("hill", &hill_op<kCPU>);
-  m.impl("order_statistics", &order_statistics_op<kCPU>);
-  m.impl("quantile", &quantile_op<kCPU>);
+// The same glue serves both devices; the engine is chosen by the sample's device.
+template <c10::DeviceType D>
+void register_tail_ops(torch::Library& m) {
+  m.impl("tail_histogram", &tail_histogram_op<D>);
+  m.impl("tail_level_pass", &tail_level_pass_op<D>);
+  m.impl("tail_stats", &tail_stats_op<D>);
+  m.impl("tail_stats_per_tensor", &tail_stats_per_tensor_op<D>);
+  m.impl("hill", &hill_op<D>);
+  m.impl("order_statistics", &order_statistics_op<D>);
+  m.impl("quantile", &quantile_op<D>);
 }
 
+TORCH_LIBRARY_IMPL(gradience, CPU, m) { register_tail_ops<kCPU>(m); }
+
 #ifdef GRADIENCE_WITH_CUDA
-TORCH_LIBRARY_IMPL(gradience, CUDA, m) {
-  m.impl("tail_histogram", &tail_histogram_op<kCUDA>);
-  m.impl("tail_level_pass", &tail_level_pass_op<kCUDA>);
-  m.impl("tail_stats", &tail_stats_op<kCUDA>);
-  m.impl("tail_stats_per_tensor", &tail_stats_per_tensor_op<kCUDA>);
-  m.impl("hill", &hill_op<kCUDA>);
-  m.impl("order_statistics", &order_statistics_op<kCUDA>);
-  m.impl("quantile", &quantile_op<kCUDA>);
-}
+TORCH_LIBRARY_IMPL(gradience, CUDA, m) { register_tail_ops<kCUDA>(m); }
 #endif
 
 }  // namespace gradience::tail
