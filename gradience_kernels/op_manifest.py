@@ -12,6 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
+# Registers the gradience_triton:: curvature ops (their entries are below), so that the
+# manifest and the registry agree whichever modules a test run has imported.
+from . import curvature_kernels  # noqa: F401
+
 
 @dataclass(frozen=True)
 class OpSample:
@@ -31,6 +35,13 @@ def _heavy(n: int, device: torch.device, dtype=torch.float32, seed: int = 0) -> 
     g = torch.Generator().manual_seed(seed)
     x = torch.empty(n, dtype=torch.float64).cauchy_(generator=g)
     return x.to(dtype=dtype, device=device)
+
+
+def _batch(device: torch.device, rows: int, shapes, dtype=torch.float32, seed: int = 0):
+    """A batch list [rows, *shape] of standard normal entries (curvature ops' samples)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(rows, *s, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+            for s in shapes]
 
 
 MANIFEST: list[OpSample] = [
@@ -95,6 +106,53 @@ MANIFEST: list[OpSample] = [
                    "powerlaw", [0.0, 3.0], True, "pruned"),
         "power-law fits of two layers (float64, float32), signs dropped, xmax, alpha range",
         devices=("cpu",),
+    ),
+    OpSample(
+        "fill_probes",
+        lambda d: ([torch.empty(3, 4, 5, device=d), torch.empty(3, 7, device=d)], 7, 2, True, 0),
+        "Triton Gaussian probes 2..4 of stream 7 into a float32 two-tensor batch",
+        namespace="gradience_triton",
+        devices=("cpu", "cuda"),
+    ),
+    OpSample(
+        "probe_dots",
+        lambda d: (_batch(d, 3, [(4, 5), (7,), (2, 3)], torch.float64), [0, 2, 1], [2, 1], 11, 5,
+                   False, 2**32 - 9),
+        "Triton Rademacher probe dots of a float64 batch in two blocks, entries across 2^32",
+        namespace="gradience_triton",
+        devices=("cpu", "cuda"),
+    ),
+    OpSample(
+        "block_dots",
+        lambda d: (_batch(d, 2, [(6, 5), (9,)]), _batch(d, 2, [(6, 5), (9,)], seed=1), [1, 0],
+                   [1, 1]),
+        "Triton per-block row dots of two float32 batches",
+        namespace="gradience_triton",
+        devices=("cpu", "cuda"),
+    ),
+    OpSample(
+        "block_gram",
+        lambda d: (_batch(d, 3, [(6, 5), (9,)], torch.bfloat16),
+                   _batch(d, 2, [(6, 5), (9,)], seed=1), [0, 1], [2]),
+        "Triton Gram of a bfloat16 batch against a float32 batch, one block",
+        namespace="gradience_triton",
+        devices=("cpu", "cuda"),
+    ),
+    OpSample(
+        "orthogonalize",
+        lambda d: ([t[0] for t in _batch(d, 1, [(6, 5), (9,)], seed=2)],
+                   _batch(d, 5, [(6, 5), (9,)], torch.bfloat16, seed=3), 4, 2),
+        "Triton CGS2 of a float32 vector against 4 rows of a bfloat16 basis (in place)",
+        namespace="gradience_triton",
+        devices=("cpu", "cuda"),
+    ),
+    OpSample(
+        "combine",
+        lambda d: (_batch(d, 4, [(6, 5), (9,)], torch.float64, seed=4),
+                   3, _batch(d, 3, [(2,)], torch.float64, seed=5)[0], torch.float32),
+        "Triton float32 combination of 3 rows of a float64 basis",
+        namespace="gradience_triton",
+        devices=("cpu", "cuda"),
     ),
 ]
 
