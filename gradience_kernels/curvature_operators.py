@@ -9,6 +9,10 @@ Blocks group the parameter tensors (by default one block per module, i.e. per la
 estimators report per-block traces tr(A_bb) whose sum is the full trace.
 
 ``MatrixOperator`` wraps an explicit symmetric matrix: the reference operator of the tests.
+
+The model operators (``hessian``, ``ggn``, ``empirical_fisher`` and their classes) live in
+curvature_model_operators.py and are re-exported here (lazily, PEP 562, so either module can
+be imported first).
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Block", "CurvatureOperator", "MatrixOperator"]
+_MODEL_API = ("hessian", "ggn", "empirical_fisher", "HessianOperator", "GGNOperator",
+              "FisherOperator", "ModelOperator", "HESSIAN_METHODS")
+
+__all__ = ["Block", "CurvatureOperator", "MatrixOperator", *_MODEL_API]
 
 
 @dataclass(frozen=True)
@@ -153,3 +160,11 @@ class MatrixOperator(CurvatureOperator):
     def _matmat(self, V):
         self.matvecs += V[0].shape[0]
         return self.unflatten(self.flatten(V) @ self.matrix.T)
+
+
+def __getattr__(name: str):
+    # Lazy re-export: curvature_model_operators imports this module's base classes.
+    if name in _MODEL_API:
+        from . import curvature_model_operators
+        return getattr(curvature_model_operators, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

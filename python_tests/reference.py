@@ -435,3 +435,303 @@ def matrix_metrics(sigma, shape, eps: float) -> dict[str, float]:
         out["stable_rank"] = out["effective_rank"] = 0.0
     out["condition_number"] = float(s1 / s[-1]) if s[-1] > 0 else np.inf
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Curvature references (issue 6): explicit float64 matrices of small models, built with
+# torch.autograd.functional on a float64 deep copy of the model. Independent of
+# gradience_kernels.curvature_*: no torch.func, no vmap, no operator code.
+# Conventions shared with the operators: batch = (inputs, targets), inputs a tensor or a tuple
+# of tensors (model(*inputs)), per-sample slices along dim 0; flat order = the selected
+# parameters in model.named_parameters() order, each flattened row-major (as op.flatten).
+# ---------------------------------------------------------------------------------------------
+
+def _curv_f64(model, batch=None, inputs=None):
+    import copy
+    m = copy.deepcopy(model).to(torch.float64)
+
+    def cast(t):
+        return t.to(torch.float64) if torch.is_tensor(t) and t.is_floating_point() else t
+    if batch is not None:
+        x, y = batch
+        x = tuple(cast(t) for t in x) if isinstance(x, (tuple, list)) else (cast(x),)
+        return m, x, cast(y)
+    x = tuple(cast(t) for t in inputs) if isinstance(inputs, (tuple, list)) else (cast(inputs),)
+    return m, x, None
+
+
+def _curv_selected(model, param_names):
+    named = [(n, p) for n, p in model.named_parameters()]
+    if param_names is None:
+        return [n for n, p in named if p.requires_grad]
+    if callable(param_names):
+        return [n for n, p in named if param_names(n, p)]
+    wanted = set(param_names)
+    return [n for n, _ in named if n in wanted]
+
+
+def _curv_flat_fn(m, names, x, make_loss):
+    """f(flat) = make_loss(model output at params = flat) with the other parameters fixed."""
+    from torch.func import functional_call
+    base = {n: p.detach() for n, p in m.named_parameters()}
+    shapes = [base[n].shape for n in names]
+    sizes = [s.numel() for s in shapes]
+    flat0 = torch.cat([base[n].reshape(-1) for n in names])
+
+    def out_of(flat):
+        params = dict(base)
+        for n, s, t in zip(names, shapes, torch.split(flat, sizes)):
+            params[n] = t.reshape(s)
+        return functional_call(m, params, x)
+    return flat0, out_of
+
+
+def explicit_hessian(model, loss_fn, batch, param_names=None) -> torch.Tensor:
+    """Float64 [P, P] Hessian of loss_fn(model(*inputs), targets) wrt the selected parameters."""
+    m, x, y = _curv_f64(model, batch)
+    names = _curv_selected(m, param_names)
+    flat0, out_of = _curv_flat_fn(m, names, x, None)
+    return torch.autograd.functional.hessian(lambda f: loss_fn(out_of(f), y), flat0)
+
+
+def explicit_jacobian(model, inputs, param_names=None) -> torch.Tensor:
+    """Float64 Jacobian of the model output wrt the selected parameters: [*out_shape, P]."""
+    m, x, _ = _curv_f64(model, inputs=inputs)
+    names = _curv_selected(m, param_names)
+    flat0, out_of = _curv_flat_fn(m, names, x, None)
+    return torch.autograd.functional.jacobian(out_of, flat0)
+
+
+def explicit_ggn(model, loss_fn, batch, param_names=None) -> torch.Tensor:
+    """Float64 [P, P] generalized Gauss-Newton J^T H_L J (Schraudolph 2002): J the Jacobian
+    of the flattened output wrt the parameters, H_L the Hessian of the loss wrt the output."""
+    m, x, y = _curv_f64(model, batch)
+    names = _curv_selected(m, param_names)
+    flat0, out_of = _curv_flat_fn(m, names, x, None)
+    out0 = out_of(flat0).detach()
+    J = torch.autograd.functional.jacobian(out_of, flat0).reshape(out0.numel(), -1)
+    HL = torch.autograd.functional.hessian(
+        lambda o: loss_fn(o.reshape(out0.shape), y), out0.reshape(-1))
+    return J.T @ HL @ J
+
+
+def explicit_per_sample_gradients(model, loss_fn, batch, param_names=None) -> torch.Tensor:
+    """Float64 [N, P]: row i = gradient of loss_fn(model(x_i[None]), y_i[None]) wrt the
+    selected parameters, by a Python loop of torch.autograd.grad."""
+    m, x, y = _curv_f64(model, batch)
+    names = _curv_selected(m, param_names)
+    params = dict(m.named_parameters())
+    sel = [params[n] for n in names]
+    rows = []
+    for i in range(x[0].shape[0]):
+        xi = tuple(t[i:i + 1] for t in x)
+        loss = loss_fn(m(*xi), y[i:i + 1])
+        g = torch.autograd.grad(loss, sel, allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(p) if gi is None else gi).reshape(-1)
+                               for gi, p in zip(g, sel)]))
+    return torch.stack(rows)
+
+
+def explicit_fisher(model, loss_fn, batch, param_names=None) -> torch.Tensor:
+    """Float64 [P, P] empirical Fisher (1/N) sum_i g_i g_i^T of the per-sample gradients."""
+    G = explicit_per_sample_gradients(model, loss_fn, batch, param_names)
+    return G.T @ G / G.shape[0]
+
+
+def explicit_gradient_gram(model, loss_fn, batch, param_names=None) -> torch.Tensor:
+    """Float64 [N, N] Gram G G^T of the per-sample loss gradients."""
+    G = explicit_per_sample_gradients(model, loss_fn, batch, param_names)
+    return G @ G.T
+
+
+def explicit_ntk_gram(model, inputs, param_names=None, output_index=None) -> torch.Tensor:
+    """Float64 [N, N] empirical NTK Gram (Jacot et al. 2018): K_ij = sum_c <J_ic, J_jc>, the
+    trace over output components c of the per-sample output Jacobians (output shape [N, ...]);
+    with output_index, only component c = output_index of the flattened per-sample output."""
+    J = explicit_jacobian(model, inputs, param_names)
+    N = J.shape[0]
+    J = J.reshape(N, -1, J.shape[-1])  # [N, C, P]
+    if output_index is not None:
+        J = J[:, output_index:output_index + 1]
+    return torch.einsum("icp,jcp->ij", J, J)
+
+
+_curv_flat_fn_any_sdpa = _curv_flat_fn
+
+
+def _curv_flat_fn(m, names, x, make_loss):
+    """As above, the forward run with SDPA on its math kernel: the fused attention kernels
+    have no double backward, which torch.autograd.functional.hessian needs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    flat0, out_of = _curv_flat_fn_any_sdpa(m, names, x, make_loss)
+
+    def out_math(flat):
+        with sdpa_kernel([SDPBackend.MATH]):
+            return out_of(flat)
+    return flat0, out_math
+
+
+# ---------------------------------------------------------------------------------------------
+# Curvature eigenvalue references (issue 6, curvature_eigen): dense float64 NumPy versions of
+# PyHessian's power iteration with deflation and of stochastic Lanczos quadrature, from the
+# same start vectors. Independent of gradience_kernels (no curvature_kernels, no operators).
+# ---------------------------------------------------------------------------------------------
+
+def power_iteration_deflated(A, starts, tol: float, max_iter: int):
+    """PyHessian's ``hessian.eigenvalues`` loop (Yao et al. 2020) on a dense symmetric A [P, P]:
+    for each start row, repeat: Gram-Schmidt against the eigenvectors found so far, normalize,
+    w = A v, theta = v.w, v = w / |w|, until |theta - theta_prev| <= tol |theta_prev| (PyHessian
+    divides by |theta_prev| + 1e-6 and uses <; curvature_eigen keeps the rule scale-free).
+    Returns (eigenvalues [k], eigenvectors [k, P], iterations per eigenvalue [k])."""
+    A = np.asarray(A, dtype=np.float64)
+    found, values, iters = [], [], []
+    for z in np.asarray(starts, dtype=np.float64):
+        v = z.copy()
+        prev, theta, n = None, 0.0, 0
+        for _ in range(max_iter):
+            for u in found:
+                v = v - (u @ v) * u
+            v = v / np.linalg.norm(v)
+            w = A @ v
+            n += 1
+            theta = float(v @ w)
+            v = w / np.linalg.norm(w)
+            if prev is not None and abs(theta - prev) <= tol * abs(prev):
+                break
+            prev = theta
+        found.append(v)
+        values.append(theta)
+        iters.append(n)
+    return np.array(values), np.array(found), np.array(iters)
+
+
+def slq_nodes_weights(A, start, steps: int):
+    """Lanczos with full reorthogonalization (modified Gram-Schmidt, twice) on a dense symmetric
+    A from `start` (normalized here), `steps` steps: the Gauss quadrature nodes (eigenvalues of
+    T) and weights (squared first components of T's eigenvectors), Golub and Meurant (2010)."""
+    A = np.asarray(A, dtype=np.float64)
+    q = np.asarray(start, dtype=np.float64)
+    q = q / np.linalg.norm(q)
+    Q = [q]
+    alpha, beta = [], []
+    for j in range(steps):
+        w = A @ Q[j]
+        a = float(Q[j] @ w)
+        alpha.append(a)
+        for _ in range(2):
+            for u in Q:
+                w = w - (u @ w) * u
+        if j + 1 == steps:
+            break
+        b = float(np.linalg.norm(w))
+        beta.append(b)
+        Q.append(w / b)
+    T = np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1)
+    theta, S = np.linalg.eigh(T)
+    return theta, S[0] ** 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Trace estimator references (issue 6, curvature_trace.py): dense float64 NumPy, flattened,
+# the textbook / paper algorithms on given probes (rows of [m, P] arrays), per-block traces
+# from explicit block selectors (index arrays into the flat order). Nothing here shares code
+# or algebra with gradience_kernels.curvature_trace (which works from per-block Gram
+# matrices): XTrace is computed by its definition, one QR of Y without column i per probe.
+# ---------------------------------------------------------------------------------------------
+
+def _trace_blocks_diag(M: np.ndarray, blocks) -> np.ndarray:
+    d = np.diag(M)
+    return np.array([d[idx].sum() for idx in blocks])
+
+
+def _trace_mean_se(samples: np.ndarray) -> dict:
+    """samples [m, n_blocks] -> block means / SEs and the total (sum of block means, SE of
+    the per-sample totals)."""
+    m = samples.shape[0]
+    tot = samples.sum(1)
+    return {"trace": float(samples.mean(0).sum()), "stderr": float(tot.std(ddof=1) / np.sqrt(m)),
+            "block_traces": samples.mean(0), "block_stderr": samples.std(0, ddof=1) / np.sqrt(m),
+            "samples": samples}
+
+
+def hutchinson_dense(A, Z, blocks) -> dict:
+    """Hutchinson (1989): per-block z_j[b] . (A z_j)[b] for probes Z [m, P]."""
+    A, Z = np.asarray(A, np.float64), np.asarray(Z, np.float64)
+    AZ = Z @ A.T
+    samples = np.stack([(Z[:, idx] * AZ[:, idx]).sum(1) for idx in blocks], 1)
+    return _trace_mean_se(samples)
+
+
+def hutchpp_dense(A, S, G, blocks) -> dict:
+    """Hutch++ (Meyer, Musco, Musco, Woodruff 2021, Algorithm 1) on sketch S [k, P] and
+    residual probes G [l, P]: Q = qr(A S^T), tr(Q^T A Q) + Hutchinson on (I - QQ^T) A (I - QQ^T),
+    per block: diag of (Pi A + A Pi - Pi A Pi) summed over the block, plus the residual
+    forms g'[b] . ((I - Pi) A g')[b], g' = (I - Pi) g. Assumes A S^T has full column rank."""
+    A, S, G = (np.asarray(x, np.float64) for x in (A, S, G))
+    Q, _ = np.linalg.qr(A @ S.T)
+    Pi = Q @ Q.T
+    Pp = np.eye(A.shape[0]) - Pi
+    exact = _trace_blocks_diag(Pi @ A + A @ Pi - Pi @ A @ Pi, blocks)
+    Gp = G @ Pp
+    AGp = Gp @ (Pp @ A).T
+    samples = np.stack([(Gp[:, idx] * AGp[:, idx]).sum(1) for idx in blocks], 1)
+    out = _trace_mean_se(samples)
+    out["block_traces"] = out["block_traces"] + exact
+    out["trace"] = float(out["block_traces"].sum())
+    out["exact"] = exact
+    return out
+
+
+def xtrace_dense(A, Om, blocks, improved: bool) -> dict:
+    """XTrace by its definition (Epperly, Tropp, Webber 2024, Algorithm 1.2 / eq. 2.3): for
+    each probe i, Q_i = orth(A Omega without column i) (NumPy QR) and
+    T_i = tr(Q_i^T A Q_i) + c_i w^T (I - Q_i Q_i^T) A (I - Q_i Q_i^T) w, w = omega_i, with
+    c_i = 1, or, improved (probes on the sphere of radius sqrt(P), sec. 2.2),
+    c_i = (P - m + 1) / ||(I - Q_i Q_i^T) omega_i||^2. Per block: diag of
+    (Pi_i A + A Pi_i - Pi_i A Pi_i) over the block plus c_i w'[b] . ((I - Pi_i) A w')[b].
+    Estimate mean_i T_i, error estimate std(T_i) / sqrt(m). Assumes A Omega has full rank."""
+    A, Om = np.asarray(A, np.float64), np.asarray(Om, np.float64)
+    n, m = A.shape[0], Om.shape[0]
+    Y = Om @ A.T
+    rows = []
+    for i in range(m):
+        Qi, _ = np.linalg.qr(np.delete(Y, i, 0).T)
+        Pi = Qi @ Qi.T
+        Pp = np.eye(n) - Pi
+        exact = _trace_blocks_diag(Pi @ A + A @ Pi - Pi @ A @ Pi, blocks)
+        w = Pp @ Om[i]
+        Aw = Pp @ (A @ w)
+        c = (n - m + 1) / (w @ w) if improved else 1.0
+        rows.append(exact + c * np.array([w[idx] @ Aw[idx] for idx in blocks]))
+    return _trace_mean_se(np.array(rows))
+
+
+def xtrace_paper(A, Om, improved: bool) -> tuple[float, float]:
+    """The total XTrace estimate and error estimate by the formulas of the paper's code
+    (eepperly/XTrace, code/xtrace_helper.m), real case: Y = Q R, S = normalized columns of
+    R^-T, W = Q^T Omega, H = Q^T A Q, T = (A Q)^T Omega."""
+    A, Om = np.asarray(A, np.float64), np.asarray(Om, np.float64).T  # Om [P, m]
+    n, m = Om.shape
+    Y = A @ Om
+    Q, R = np.linalg.qr(Y)
+    W = Q.T @ Om
+    S = np.linalg.inv(R).T
+    S = S / np.linalg.norm(S, axis=0)
+    if improved:
+        scale = (n - m + 1) / (n - np.linalg.norm(W, axis=0) ** 2
+                               + (np.sum(S * W, 0) * np.linalg.norm(S, axis=0)) ** 2)
+    else:
+        scale = np.ones(m)
+    Z = A @ Q
+    H = Q.T @ Z
+    HW = H @ W
+    T = Z.T @ Om
+    dSW = np.sum(S * W, 0)
+    dSHS = np.sum(S * (H @ S), 0)
+    dTW = np.sum(T * W, 0)
+    dWHW = np.sum(W * HW, 0)
+    dSRmHW = np.sum(S * (R - HW), 0)
+    dTmHRS = np.sum((T - H.T @ W) * S, 0)
+    ests = np.trace(H) - dSHS + (-dTW + dWHW + dSW * dSRmHW + dSW ** 2 * dSHS
+                                 + dTmHRS * dSW) * scale
+    return float(ests.mean()), float(ests.std(ddof=1) / np.sqrt(m))

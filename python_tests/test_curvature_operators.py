@@ -1,0 +1,531 @@
+"""Model curvature operators (Hessian, GGN, empirical Fisher) against explicit float64
+matrices from torch.autograd.functional (python_tests/reference.py).
+
+Tolerances: each entry of these matrices is a sum over the N samples of products accumulated
+over a layer's fan-in (and the backward's fan-out); the standard forward error bound for such
+a sum of n terms is gamma_n = n eps / (1 - n eps) times the sum of |terms| (Higham, Accuracy
+and Stability of Numerical Algorithms, 2nd ed., eq. 3.5). Operator and reference round
+independently, so entries may differ by 2 gamma_n max|A| with n = N x (largest fan-in) x
+depth (errors of the layers compound through the chain rule). Measured errors are 1-30 eps
+max|A|; the bound is 10^3-10^4 eps: a wrong formula (a factor, a transposed block, a missing
+term) shows as an O(1) relative error and fails at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import warnings
+
+import hypothesis
+import numpy as np
+import pytest
+import torch
+from hypothesis import strategies as st
+from torch import nn
+
+import reference as R
+from gradience_kernels import curvature_operators as co
+from gradience_kernels import toy_models as tm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Tiny configs (<= 400 parameters: the explicit Hessian is P backward passes).
+CONFIGS = {
+    "mlp": dict(hidden=8, batch=10),
+    "cnn": dict(channels=(3, 4), image_size=6, classes=3, batch=6),
+    "transformer": dict(d_model=4, heads=2, layers=2, seq_len=3, mlp=8, classes=3, in_dim=3,
+                        batch=5),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def problem(name: str, dtype=torch.float64):
+    return tm.make_problem(name, "tiny", dtype=dtype, **CONFIGS[name])
+
+
+@functools.lru_cache(maxsize=None)
+def reference(kind: str, name: str, dtype=torch.float64, params: tuple | None = None):
+    model, loss_fn, batch = problem(name, dtype)
+    fn = {"hessian": R.explicit_hessian, "ggn": R.explicit_ggn,
+          "fisher": R.explicit_fisher}[kind]
+    return fn(model, loss_fn, batch, None if params is None else list(params))
+
+
+def fan_in(model: nn.Module) -> int:
+    return max(p[0].numel() if p.dim() > 1 else 1 for p in model.parameters())
+
+
+def tolerance(model, batch, ref: torch.Tensor, dtype, depth: int = 4) -> float:
+    n = batch[0].shape[0] * fan_in(model) * depth
+    eps = torch.finfo(dtype).eps
+    return 2 * n * eps / (1 - n * eps) * float(ref.abs().max())
+
+
+def assert_close(got: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    err = float((got.double() - ref).abs().max())
+    assert err <= tol, f"max |error| {err:.3e} > tolerance {tol:.3e}"
+
+
+def build(kind, model, loss_fn, batch, **kw):
+    if kind == "hessian":
+        return co.hessian(model, loss_fn, batch, **kw)
+    if kind == "ggn":
+        return co.ggn(model, loss_fn, batch, **kw)
+    return co.empirical_fisher(model, loss_fn, batch, **kw)
+
+
+# ------------------------------------------------------------------------ dense agreement
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("method", ["double_backward", "forward_over_reverse"])
+def test_hessian_matches_explicit(name, method):
+    model, loss_fn, batch = problem(name)
+    op = co.hessian(model, loss_fn, batch, method=method)
+    H = reference("hessian", name)
+    assert op.dtype == torch.float64 and op.numel == H.shape[0]
+    assert_close(op.to_matrix(), H, tolerance(model, batch, H, torch.float64))
+    assert op.method == op.single_method == method
+    assert op.matvecs == op.numel  # to_matrix: one matvec per unit vector
+
+
+@pytest.mark.parametrize("name", ["mlp", "transformer"])
+def test_hessian_linearized_and_auto(name):
+    model, loss_fn, batch = problem(name)
+    H = reference("hessian", name)
+    tol = tolerance(model, batch, H, torch.float64)
+    if name == "mlp":  # tracing a transformer takes seconds: the MLP shows the path works
+        lin = co.hessian(model, loss_fn, batch, method="forward_over_reverse", linearize=True)
+        assert_close(lin.to_matrix(), H, tol)
+        assert lin.linearized is True
+    auto = co.hessian(model, loss_fn, batch)
+    assert auto.method is None  # chosen at the first product, not at construction
+    assert_close(auto.to_matrix(), H, tol)
+    assert auto.selection_matvecs == 2 * (2 + co.HessianOperator._PROBES)
+    assert auto.matvecs == auto.numel + auto.selection_matvecs
+    methods = {"double_backward", "forward_over_reverse"}
+    assert auto.method in methods and auto.single_method in methods
+    assert set(auto.method_timings) == set(auto.single_method_timings) == methods
+    assert auto.single_method == min(methods, key=auto.single_method_timings.get)
+    fastest_batched = min(auto.method_timings.values())
+    if auto.batch_loop:  # a loop of single products was faster than either vmapped batch
+        assert auto.method == auto.single_method
+        assert auto.single_method_timings[auto.single_method] < fastest_batched
+    else:
+        assert auto.method_timings[auto.method] == fastest_batched
+    # every strategy gives the same matrix: force the other batching
+    auto.batch_loop = not auto.batch_loop
+    assert_close(auto.to_matrix(), H, tol)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_ggn_matches_explicit_and_is_psd(name):
+    model, loss_fn, batch = problem(name)
+    G = reference("ggn", name)
+    op = co.ggn(model, loss_fn, batch)
+    M = op.to_matrix()
+    tol = tolerance(model, batch, G, torch.float64)
+    assert_close(M, G, tol)
+    assert op.psd
+    # PSD up to rounding: eigenvalues of a symmetric perturbation move by <= its 2-norm.
+    sym = (M + M.T) / 2
+    assert float(torch.linalg.eigvalsh(sym).min()) >= -tol * M.shape[0]
+    if name == "mlp":
+        lin = co.ggn(model, loss_fn, batch, linearize=True)
+        assert_close(lin.to_matrix(), G, tol)
+        assert lin.linearized is True
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fisher_matches_explicit(name):
+    model, loss_fn, batch = problem(name)
+    F = reference("fisher", name)
+    op = co.empirical_fisher(model, loss_fn, batch, chunk_size=4)  # chunks split the batch
+    assert op.psd
+    assert_close(op.to_matrix(), F, tolerance(model, batch, F, torch.float64))
+    G = R.explicit_per_sample_gradients(model, loss_fn, batch)
+    assert_close(op.flatten(op.per_sample), G,
+                 tolerance(model, batch, G, torch.float64))
+
+
+def test_ggn_equals_hessian_for_mse_on_a_linear_model():
+    # f(x) = W x + b is linear in (W, b), so the second-derivative term of the Hessian,
+    # sum_k dL/df_k d^2 f_k / d theta^2, vanishes: H = J^T H_L J exactly.
+    gen = torch.Generator().manual_seed(3)
+    model = nn.Linear(5, 3).double()
+    x = torch.randn(7, 5, generator=gen, dtype=torch.float64)
+    y = torch.randn(7, 3, generator=gen, dtype=torch.float64)
+    loss = nn.MSELoss()
+    H = co.hessian(model, loss, (x, y)).to_matrix()
+    G = co.ggn(model, loss, (x, y)).to_matrix()
+    ref = R.explicit_hessian(model, loss, (x, y))
+    tol = tolerance(model, (x,), ref, torch.float64)
+    assert_close(H, ref, tol)
+    assert_close(G, ref, tol)
+    # and the identity is not trivially satisfied: H != 0
+    assert float(ref.abs().max()) > 0.1
+
+
+def test_matvec_matches_matmat_columns_and_counts():
+    model, loss_fn, batch = problem("mlp")
+    for op in (co.hessian(model, loss_fn, batch, method="double_backward"),
+               co.hessian(model, loss_fn, batch, method="forward_over_reverse"),
+               co.ggn(model, loss_fn, batch), co.empirical_fisher(model, loss_fn, batch)):
+        gen = torch.Generator().manual_seed(0)
+        V = [torch.randn(5, *s, generator=gen, dtype=torch.float64) for s in op.shapes]
+        many = op.matmat(V)
+        assert op.matvecs == 5
+        assert [t.shape for t in many] == [torch.Size([5, *s]) for s in op.shapes]
+        ref = op.flatten(many)
+        tol = 64 * torch.finfo(torch.float64).eps * float(ref.abs().max())
+        for j in range(5):
+            one = op.matvec([t[j] for t in V])
+            assert [t.shape for t in one] == op.shapes
+            assert_close(torch.cat([t.reshape(-1) for t in one]), ref[j], tol)
+        assert op.matvecs == 10
+        op.matmat([t[:1] for t in V])  # a batch of one takes the single-vector path
+        assert op.matvecs == 11
+        op.reset_count()
+        assert op.matvecs == 0
+
+
+def test_float32_operators():
+    model, loss_fn, batch = problem("mlp", torch.float32)
+    for kind in ("hessian", "ggn", "fisher"):
+        op = build(kind, model, loss_fn, batch)
+        assert op.dtype == torch.float32
+        M = op.to_matrix()
+        assert M.dtype == torch.float32
+        ref = reference(kind, "mlp", torch.float32)  # float64 of the same float32 values
+        assert_close(M, ref, tolerance(model, batch, ref, torch.float32))
+
+
+# ------------------------------------------------------------------------ selection, blocks
+def test_parameter_subset_and_blocks():
+    model, loss_fn, batch = problem("mlp")
+    names = ["hidden.0.weight", "head.bias", "hidden.1.bias"]
+    H_full = reference("hessian", "mlp")
+    for kind in ("hessian", "ggn", "fisher"):
+        op = build(kind, model, loss_fn, batch, params=names)
+        # named_parameters order, not the order given
+        assert op.names == ["hidden.0.weight", "hidden.1.bias", "head.bias"]
+        ref = reference(kind, "mlp", params=tuple(names))
+        assert_close(op.to_matrix(), ref, tolerance(model, batch, ref, torch.float64))
+    # The Hessian of a subset is the corresponding principal submatrix of the full one.
+    offsets, start = {}, 0
+    for n, p in model.named_parameters():
+        offsets[n] = list(range(start, start + p.numel()))
+        start += p.numel()
+    idx = [i for n in op.names for i in offsets[n]]
+    sub = H_full[idx][:, idx]
+    H_sub = co.hessian(model, loss_fn, batch, params=names).to_matrix()
+    assert_close(H_sub, sub, tolerance(model, batch, sub, torch.float64))
+
+    by_module = co.hessian(model, loss_fn, batch)
+    assert [(b.name, b.tensors) for b in by_module.blocks] == [
+        ("hidden.0", (0, 1)), ("hidden.1", (2, 3)), ("head", (4, 5))]
+    per_tensor = co.hessian(model, loss_fn, batch, blocks="tensor")
+    assert [b.name for b in per_tensor.blocks] == [n for n, _ in model.named_parameters()]
+    one = co.hessian(model, loss_fn, batch, blocks="all")
+    assert [(b.name, b.tensors) for b in one.blocks] == [("all", tuple(range(6)))]
+    custom = co.hessian(model, loss_fn, batch, params=names,
+                        blocks={"w": ["hidden.0.weight"], "b": ["head.bias", "hidden.1.bias"]})
+    assert [(b.name, b.tensors) for b in custom.blocks] == [("w", (0,)), ("b", (1, 2))]
+    biases = co.ggn(model, loss_fn, batch, params=lambda n, p: n.endswith("bias"))
+    assert biases.names == ["hidden.0.bias", "hidden.1.bias", "head.bias"]
+
+
+@functools.lru_cache(maxsize=None)
+def _linear_problem():
+    gen = torch.Generator().manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    y = torch.randint(2, (6,), generator=gen)
+    loss = nn.CrossEntropyLoss()
+    return model, loss, (x, y), R.explicit_hessian(model, loss, (x, y))
+
+
+@hypothesis.settings(max_examples=12, deadline=None)
+@hypothesis.given(mask=st.lists(st.booleans(), min_size=4, max_size=4).filter(any),
+                  blocks=st.sampled_from(["module", "tensor", "all"]),
+                  method=st.sampled_from(["double_backward", "forward_over_reverse"]))
+def test_any_subset_is_the_principal_submatrix(mask, blocks, method):
+    model, loss, batch, H = _linear_problem()
+    named = list(model.named_parameters())
+    names = [n for (n, _), keep in zip(named, mask) if keep]
+    op = co.hessian(model, loss, batch, params=names, blocks=blocks, method=method)
+    offsets, start = {}, 0
+    for n, p in named:
+        offsets[n] = list(range(start, start + p.numel()))
+        start += p.numel()
+    idx = [i for n in names for i in offsets[n]]
+    sub = H[idx][:, idx]
+    assert_close(op.to_matrix(), sub, tolerance(model, batch, sub, torch.float64))
+    assert sorted(i for b in op.blocks for i in b.tensors) == list(range(len(names)))
+
+
+def test_unused_selected_parameter_has_zero_rows():
+    class WithUnused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+            self.spare = nn.Parameter(torch.ones(2))
+
+        def forward(self, x):
+            return self.lin(x)
+    model = WithUnused().double()
+    gen = torch.Generator().manual_seed(1)
+    batch = (torch.randn(4, 3, generator=gen, dtype=torch.float64),
+             torch.randint(2, (4,), generator=gen))
+    loss = nn.CrossEntropyLoss()
+    ref = R.explicit_hessian(model, loss, batch)
+    for op in (co.hessian(model, loss, batch, method="double_backward"),
+               co.hessian(model, loss, batch, method="forward_over_reverse"),
+               co.ggn(model, loss, batch), co.empirical_fisher(model, loss, batch)):
+        M = op.to_matrix()
+        assert op.names[0] == "spare"  # a module's own parameters come before its children's
+        assert float(M[:2].abs().max()) == 0 and float(M[:, :2].abs().max()) == 0
+        assert float(M.abs().max()) > 0
+    assert_close(co.hessian(model, loss, batch).to_matrix(), ref,
+                 tolerance(model, batch, ref, torch.float64))
+
+
+# ------------------------------------------------------------------------ losses and inputs
+def test_mse_and_tuple_inputs():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+            self.b = nn.Linear(2, 4)
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x, z):
+            return self.out(torch.tanh(self.a(x) + self.b(z)))
+    model = TwoInputs().double()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    z = torch.randn(6, 2, generator=gen, dtype=torch.float64)
+    y = torch.randn(6, 2, generator=gen, dtype=torch.float64)
+    batch = ((x, z), y)
+    loss = nn.MSELoss()
+    for kind, fn in (("hessian", R.explicit_hessian), ("ggn", R.explicit_ggn),
+                     ("fisher", R.explicit_fisher)):
+        ref = fn(model, loss, batch)
+        op = build(kind, model, loss, batch)
+        assert_close(op.to_matrix(), ref, tolerance(model, (x,), ref, torch.float64))
+
+
+# ------------------------------------------------------------------------ SDPA
+def _fused_sdpa_lacks_second_order() -> bool:
+    q = torch.randn(1, 1, 3, 2, dtype=torch.float64, requires_grad=True)
+    out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    if "Flash" not in type(out.grad_fn).__name__ and "Efficient" not in type(out.grad_fn).__name__:
+        return False
+    (g,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        torch.autograd.grad(g.sum(), q)
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        torch.func.jvp(lambda t: torch.nn.functional.scaled_dot_product_attention(t, t, t),
+                       (q.detach(),), (torch.ones_like(q),))
+    return True
+
+
+def test_sdpa_runs_on_the_math_kernel_inside_every_product(monkeypatch):
+    model, loss_fn, batch = problem("transformer")
+    fused = _fused_sdpa_lacks_second_order()
+    if fused:
+        # Without the operator's context the model's own Hessian-vector product fails.
+        params = [p for p in model.parameters()]
+        loss = loss_fn(model(batch[0]), batch[1])
+        g = torch.autograd.grad(loss, params, create_graph=True)
+        with pytest.raises((RuntimeError, NotImplementedError)):
+            torch.autograd.grad(g, params, [torch.ones_like(p) for p in params])
+    calls = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(torch.backends.cuda.flash_sdp_enabled()
+                     or torch.backends.cuda.mem_efficient_sdp_enabled())
+        return original(*args, **kwargs)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    gen = torch.Generator().manual_seed(0)
+    for op in (co.hessian(model, loss_fn, batch), co.ggn(model, loss_fn, batch),
+               co.empirical_fisher(model, loss_fn, batch)):
+        V = [torch.randn(3, *s, generator=gen, dtype=torch.float64) for s in op.shapes]
+        op.matmat(V)
+        op.matvec([t[0] for t in V])
+    assert calls and not any(calls), "SDPA ran with a fused backend enabled"
+    # the user's global SDPA settings are restored afterwards
+    assert torch.backends.cuda.flash_sdp_enabled() or not fused
+
+
+# ------------------------------------------------------------------------ no mutation
+def test_model_and_batch_are_not_mutated_even_with_batchnorm_in_train_mode():
+    gen = torch.Generator().manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2))
+    model = model.double().train()
+    x = torch.randn(8, 3, generator=gen, dtype=torch.float64)
+    y = torch.randint(2, (8,), generator=gen)
+    state = copy.deepcopy(model.state_dict())
+    x0, y0 = x.clone(), y.clone()
+    loss = nn.CrossEntropyLoss()
+    ref = R.explicit_hessian(model, loss, (x, y))  # train-mode batch statistics
+    for kind in ("hessian", "ggn"):
+        op = build(kind, model, loss, (x, y))
+        M = op.to_matrix()
+        if kind == "hessian":
+            assert_close(M, ref, tolerance(model, (x,), ref, torch.float64))
+    with torch.no_grad():  # products work under an outer no_grad too
+        op = co.hessian(model, loss, (x, y), method="forward_over_reverse")
+        op.matvec([torch.ones(s, dtype=torch.float64) for s in op.shapes])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), f"{k} changed"
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(x, x0) and torch.equal(y, y0)
+    assert model.training
+
+
+def test_operators_hold_the_parameters_storage_without_copying():
+    model, loss_fn, batch = problem("mlp")
+    op = co.hessian(model, loss_fn, batch)
+    for (n, p), q in zip(model.named_parameters(), op.problem.primals.values()):
+        assert q.data_ptr() == p.data_ptr()
+
+
+def test_construction_runs_no_forward():
+    calls = []
+    model, loss_fn, batch = problem("mlp")
+    model = copy.deepcopy(model)
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    ops = [co.hessian(model, loss_fn, batch), co.ggn(model, loss_fn, batch),
+           co.empirical_fisher(model, loss_fn, batch)]
+    assert not calls
+    ops[0].prepare()
+    assert calls
+    handle.remove()
+
+
+# ------------------------------------------------------------------------ bad input
+def test_bad_inputs_raise_clear_errors():
+    model, loss_fn, batch = problem("mlp")
+    x, y = batch
+    cases = [
+        (dict(params=["nope"]), ValueError, "params: unknown parameter name"),
+        (dict(params=[]), ValueError, "params: the selection"),
+        (dict(params=lambda n, p: False), ValueError, "selects no parameter"),
+        (dict(params="head.bias"), TypeError, "params: expected None, a list"),
+        (dict(params=["head.bias", "head.bias"]), ValueError, "params: duplicate"),
+        (dict(blocks="layer"), ValueError, "blocks: expected 'module'"),
+        (dict(blocks={"a": ["head.bias"]}), ValueError, "are in no block"),
+        (dict(params=["head.bias"], blocks={"a": ["head.weight"]}), ValueError,
+         "not a selected parameter"),
+        (dict(params=["head.bias"], blocks={"a": ["head.bias"], "b": ["head.bias"]}),
+         ValueError, "is in blocks"),
+        (dict(blocks={"a": []}), ValueError, "non-empty list"),
+    ]
+    for kw, exc, msg in cases:
+        for kind in ("hessian", "ggn", "fisher"):
+            with pytest.raises(exc, match=msg):
+                build(kind, model, loss_fn, batch, **kw)
+    with pytest.raises(ValueError, match="method: expected one of"):
+        co.hessian(model, loss_fn, batch, method="exact")
+    with pytest.raises(TypeError, match="linearize: expected a bool"):
+        co.ggn(model, loss_fn, batch, linearize=1)
+    with pytest.raises(ValueError, match="batch: expected a pair"):
+        co.hessian(model, loss_fn, x)
+    with pytest.raises(TypeError, match="loss_fn: expected a callable"):
+        co.ggn(model, "mse", batch)
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
+        co.hessian(lambda t: t, loss_fn, batch)
+    with pytest.raises(TypeError, match=r"batch: inputs\[0\] has dtype torch.float32"):
+        co.hessian(model, loss_fn, (x.float(), y))
+    with pytest.raises(ValueError, match=r"batch: inputs\[0\] is on meta"):
+        co.hessian(model, loss_fn, (x.to("meta"), y))
+    with pytest.raises(ValueError, match="per-sample gradients slice dim 0"):
+        co.empirical_fisher(model, loss_fn, (x, y[:3]))
+    with pytest.raises(ValueError, match="chunk_size: expected None or a positive int"):
+        co.empirical_fisher(model, loss_fn, batch, chunk_size=0)
+
+    class IntParam(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(2, dtype=torch.float64))
+            self.steps = nn.Parameter(torch.zeros(2, dtype=torch.int64), requires_grad=False)
+
+        def forward(self, t):
+            return t * self.w
+    with pytest.raises(TypeError, match="params: parameter 'steps' has dtype torch.int64"):
+        co.hessian(IntParam(), loss_fn, (x[:, :2], y), params=["w", "steps"])
+    mixed = nn.Sequential(nn.Linear(2, 2).double(), nn.Linear(2, 2).float())
+    with pytest.raises(TypeError, match="select parameters of one dtype"):
+        co.hessian(mixed, loss_fn, (x[:, :2], y))
+
+    op = co.hessian(model, loss_fn, batch)
+    good = [torch.zeros(s, dtype=torch.float64) for s in op.shapes]
+    with pytest.raises(TypeError, match=r"vector\[0\] \(hidden.0.weight\): expected dtype"):
+        op.matvec([t.float() for t in good])
+    with pytest.raises(ValueError, match=r"vector\[1\] \(hidden.0.bias\): expected shape"):
+        op.matvec([good[0], good[1][:-1]] + good[2:])
+    with pytest.raises(ValueError, match="expected 6 tensors"):
+        op.matvec(good[:-1])
+    assert op.matvecs == 0 and op.method is None  # rejected before any work
+
+
+def test_no_warnings_from_the_products():
+    model, loss_fn, batch = problem("cnn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        op = co.ggn(model, loss_fn, batch)
+        out = op.matmat([torch.ones(2, *s, dtype=torch.float64) for s in op.shapes])
+    assert np.isfinite(op.flatten(out).numpy()).all()
+
+
+def test_auto_skips_a_method_that_fails():
+    class TanhNoForwardAD(torch.autograd.Function):
+        # old-style autograd.Function: no forward-mode AD, so torch.func.jvp cannot go through
+        # it; its backward is made of differentiable ops, so double backward works.
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x.tanh()
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return g * (1 - x.tanh() ** 2)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return TanhNoForwardAD.apply(self.lin(x))
+    model = Model().double()
+    gen = torch.Generator().manual_seed(6)
+    batch = (torch.randn(5, 3, generator=gen, dtype=torch.float64),
+             torch.randint(2, (5,), generator=gen))
+    loss = nn.CrossEntropyLoss()
+    op = co.hessian(model, loss, batch)
+    ref = R.explicit_hessian(model, loss, batch)
+    assert_close(op.to_matrix(), ref, tolerance(model, batch, ref, torch.float64))
+    assert op.method == op.single_method == "double_backward"
+    assert set(op.method_errors) == {"forward_over_reverse"}
+    assert op.selection_matvecs == 2 + co.HessianOperator._PROBES
+    with pytest.raises(RuntimeError):  # forced, the failure is the user's to see
+        co.hessian(model, loss, batch, method="forward_over_reverse").matvec(
+            [torch.ones(s, dtype=torch.float64) for s in op.shapes])
+
+
+def test_double_backward_falls_back_to_a_loop_when_vmap_fails(monkeypatch):
+    model, loss_fn, batch = problem("mlp")
+    H = reference("hessian", "mlp")
+    op = co.hessian(model, loss_fn, batch, method="double_backward").prepare()
+    original = torch.autograd.grad
+
+    def no_batching(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            raise RuntimeError("Batching rule not implemented for aten::something")
+        return original(*args, **kwargs)
+    monkeypatch.setattr(torch.autograd, "grad", no_batching)
+    assert_close(op.to_matrix(), H, tolerance(model, batch, H, torch.float64))
+    assert op._db_batched_ok is False
