@@ -9,6 +9,10 @@ Spectra section: ``analyze`` of that MLP's weight matrices at initialization and
 (the same loop on the same data, run on to 500 SGD steps; the gradient rows stop at 20), in
 WeightWatcher's conventions: power-law alpha of the ESD tail, stable rank, spectral norm,
 Marchenko-Pastur spikes; with the time analyze takes (~2.5 s of training added to the demo).
+
+Curvature section (demo_curvature.py): Hessian trace by Hutchinson, Hutch++ and XTrace with
+standard errors and HVP counts, top-5 Hessian eigenvalues (Lanczos), the stability margin
+2/lr - lambda_max of the demo's SGD, and the exact empirical Fisher trace (~20 s).
 """
 
 from __future__ import annotations
@@ -42,6 +46,16 @@ def small_model_gradients(seed: int, steps: int = 20) -> list[torch.Tensor]:
     return train_small_model(seed, steps)[2]
 
 
+SGD_LR = 0.05
+
+
+def synthetic_data(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The demo's 2048 synthetic samples: standard normal inputs [2048, 256], labels in 0..9."""
+    inputs = torch.randn(2048, 256, generator=g)
+    labels = torch.randint(0, 10, (2048,), generator=g)
+    return inputs, labels
+
+
 def train_small_model(seed: int, steps: int = 20
                       ) -> tuple[dict[str, torch.Tensor], torch.nn.Module, list[torch.Tensor]]:
     """The demo's 3-layer MLP trained for `steps` SGD steps on synthetic data: its initial
@@ -54,9 +68,8 @@ def train_small_model(seed: int, steps: int = 20
         torch.nn.Linear(512, 10),
     )
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    inputs = torch.randn(2048, 256, generator=g)
-    labels = torch.randint(0, 10, (2048,), generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=SGD_LR)
+    inputs, labels = synthetic_data(g)
     for step in range(steps + 1):
         batch = slice((step * 128) % 2048, (step * 128) % 2048 + 128)
         opt.zero_grad()
@@ -153,6 +166,10 @@ def run_demo(n: int = 10**7, seed: int = 0) -> None:
     print(f"\nSpectra of the MLP's weight matrices at initialization and after {SPECTRA_STEPS} "
           "SGD steps (analyze, WeightWatcher conventions)")
     print(format_spectra_table(spectra_table(seed)))
+    from .demo_curvature import curvature_rows, format_curvature
+
+    print(f"\nCurvature of the MLP's loss after 20 SGD steps (Hessian-vector products)")
+    print(format_curvature(curvature_rows(seed)))
 
 
 SPECTRA_STEPS = 500
