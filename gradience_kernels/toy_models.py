@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 __all__ = ["MLP", "SmallCNN", "SDPATransformer", "mlp", "small_cnn", "sdpa_transformer",
-           "TINY", "BENCH", "MODELS", "make_problem", "make_model", "make_batch",
+           "TINY", "BENCH", "SIZES", "MODELS", "make_problem", "make_model", "make_batch",
            "count_parameters"]
 
 

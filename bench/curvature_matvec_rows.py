@@ -1,0 +1,170 @@
+"""Rows of the curvature benchmark for the operators' products (composed into
+bench/bench_curvature.py), and the shared helpers of its other row sets.
+
+matvec rows: for each model and operator (Hessian with method 'auto', which times both HVP
+methods on 4 vectors at its first product and keeps the faster; the Hessian by the other
+method; GGN; empirical Fisher), the time per vector of one batched product ``op.matmat(V)`` on
+b probe vectors (torch.func.vmap inside the operator) against b single ``op.matvec(v)`` calls
+in a Python loop, and the largest difference between the two results (relative to the largest
+entry): the speed-up is only worth something when the numbers are the same.
+
+Helpers used by the other row sets: ``problem`` (a toy model's operator set-up),
+``probes`` (Rademacher probe batches), ``MatmatTimer`` (records every product an estimator
+asks for: its batch size and wall time), ``matmat_time`` (median time of one product at a
+batch size).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+from gradience_kernels import curvature_kernels as ck  # noqa: E402
+from gradience_kernels import curvature_operators as co  # noqa: E402
+from gradience_kernels.toy_models import count_parameters, make_problem  # noqa: E402
+
+#: the HVP methods of curvature_operators.hessian besides 'auto' (names of its `method`).
+HESSIAN_METHODS = tuple(m for m in co.HESSIAN_METHODS if m != "auto")
+
+
+def problem(name: str, quick: bool, seed: int = 0):
+    """(model, loss_fn, batch, facts) of the toy model `name`: the TINY config in quick mode,
+    the BENCH config otherwise; float32 on CPU."""
+    size = "tiny" if quick else "bench"
+    model, loss_fn, batch = make_problem(name, size, seed=seed)
+    facts = {"model": name, "size": size, "parameters": count_parameters(model),
+             "batch": int(batch[0].shape[0])}
+    return model, loss_fn, batch, facts
+
+
+def make_operator(kind: str, model, loss_fn, batch):
+    """kind: 'hessian' (method 'auto'), 'hessian:<method>', 'ggn' or 'empirical_fisher'."""
+    if kind.startswith("hessian"):
+        method = kind.split(":", 1)[1] if ":" in kind else "auto"
+        return co.hessian(model, loss_fn, batch, method=method)
+    return getattr(co, kind)(model, loss_fn, batch)
+
+
+def hessian_kind(quick: bool) -> str:
+    """The Hessian the estimator rows use: 'auto' (the default a user gets); double backward
+    in quick mode, which skips auto's build-and-time of both methods (seconds of tracing)."""
+    return "hessian:double_backward" if quick else "hessian"
+
+
+def probes(op, b: int, seed: int = 0) -> list[torch.Tensor]:
+    return ck.rademacher(op.shapes, b, seed, dtype=op.dtype, device=op.device)
+
+
+def matmat_time(op, b: int, repeats: int = 3, seed: int = 7) -> float:
+    """Median wall time (s) of one op.matmat on b Rademacher vectors (one warm-up)."""
+    V = probes(op, b, seed)
+    return harness.time_median(lambda: op.matmat(V), repeats=repeats, warmup=1)[0]
+
+
+class MatmatTimer:
+    """Context manager timing every product of an operator: wraps the instance's ``_matmat``
+    (which both matvec and matmat call) and records (batch size, seconds) per call."""
+
+    def __init__(self, op):
+        self.op = op
+        self.calls: list[tuple[int, float]] = []
+
+    def __enter__(self):
+        inner = self.op._matmat
+
+        def timed(V):
+            t0 = time.perf_counter()
+            out = inner(V)
+            self.calls.append((int(V[0].shape[0]), time.perf_counter() - t0))
+            return out
+
+        self.op._matmat = timed
+        return self
+
+    def __exit__(self, *exc):
+        del self.op._matmat  # back to the class's method
+        return False
+
+    @property
+    def vectors(self) -> int:
+        return sum(b for b, _ in self.calls)
+
+    @property
+    def seconds(self) -> float:
+        return sum(t for _, t in self.calls)
+
+
+def _rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    num = max(float((x - y).abs().max()) for x, y in zip(a, b))
+    den = max(float(x.abs().max()) for x in a)
+    return num / den if den > 0 else num
+
+
+def matvec_rows(models=("mlp", "cnn", "transformer"), quick: bool = False,
+                b: int | None = None, repeats: int | None = None) -> list[dict]:
+    """One row per (model, operator): per-vector ms batched vs looped and their ratio."""
+    b = b or (8 if quick else 16)
+    repeats = repeats or (2 if quick else 5)
+    rows = []
+    for name in models:
+        model, loss_fn, batch, facts = problem(name, quick)
+        # 'auto' (what a user gets) and the method it did not choose (the chosen one is the
+        # 'auto' row); quick mode: double backward only (auto builds and times both methods).
+        kinds = [hessian_kind(quick)] + ([] if quick else ["hessian:other"])
+        kinds += ["ggn", "empirical_fisher"]
+        chosen = None
+        for kind in kinds:
+            if kind == "hessian:other":
+                kind = "hessian:" + next(m for m in HESSIAN_METHODS if m != chosen)
+            op = make_operator(kind, model, loss_fn, batch)
+            V = probes(op, b)
+            singles = [[t[i] for t in V] for i in range(b)]
+
+            def batched():
+                return op.matmat(V)
+
+            def looped():
+                return [op.matvec(v) for v in singles]
+
+            out_b, out_l = batched(), looped()  # warm-up, and the agreement check
+            diff = _rel_diff(out_b, [torch.stack([o[j] for o in out_l]) for j in
+                                     range(len(op.shapes))])
+            # interleaved repeats: the noise of a shared machine falls on both sides
+            tb, tl = [], []
+            for _ in range(repeats):
+                tb.append(harness.time_median(batched, repeats=1, warmup=0)[0])
+                tl.append(harness.time_median(looped, repeats=1, warmup=0)[0])
+            mb, ml = statistics.median(tb) / b, statistics.median(tl) / b
+            if kind == "hessian":
+                chosen = op.method
+            row = {**facts, "operator": kind, "hvp_method": getattr(op, "method", None),
+                   "auto_timings_ms": {k: 1e3 * v for k, v in
+                                       getattr(op, "method_timings", {}).items()} or None,
+                   "vectors": b, "batched_ms_per_vec": 1e3 * mb, "looped_ms_per_vec": 1e3 * ml,
+                   "speedup": ml / mb, "max_rel_diff": diff}
+            rows.append(row)
+    return rows
+
+
+COLUMNS = [("model", "model", ""), ("parameters", "P", ""), ("operator", "operator", ""),
+           ("hvp_method", "HVP method", ""), ("vectors", "b", ""),
+           ("batched_ms_per_vec", "batched ms/vec", ".2f"),
+           ("looped_ms_per_vec", "looped ms/vec", ".2f"), ("speedup", "looped/batched", ".2f"),
+           ("max_rel_diff", "max rel diff", ".1e")]
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--models", default="mlp,cnn,transformer")
+    args = parser.parse_args()
+    print(harness.format_table(matvec_rows(args.models.split(","), args.quick), COLUMNS))

@@ -1,0 +1,109 @@
+"""Rows of the curvature benchmark for the estimators' overhead (composed into
+bench/bench_curvature.py).
+
+For each model and estimator (Hutchinson, Hutch++, XTrace on the GGN at a fixed matvec
+budget; on the Hessian Lanczos top-5 and stochastic Lanczos quadrature), the estimator's wall
+time against
+the time of the products it asked for, measured two ways:
+- ``overhead_pct``: wall / (sum over its products of the median time of one ``op.matmat`` at
+  that product's batch size, measured separately right after each run) - 1. This is the
+  issue's "estimator time vs (matvecs x single-matvec time)", with the single-matvec time taken
+  at the batch size the estimator used, so a batched estimator is not credited (or charged)
+  for the batching itself;
+- ``outside_pct``: time outside the products / time inside them, from timing every product
+  during the run (``MatmatTimer``): what the estimator's own work (probe generation,
+  orthogonalization, QR, small eigenproblems) costs.
+Each repeat (3) pairs a run with its own baseline measurement; the medians over repeats are
+reported. (Power iteration's time and matvecs are in the eigen rows.)
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+from curvature_matvec_rows import (MatmatTimer, hessian_kind, make_operator,  # noqa: E402
+                                   matmat_time, probes, problem)
+
+
+def estimators(budget: int, quick: bool):
+    """(label, operator kind, function of the operator) for every estimator."""
+    from gradience_kernels import curvature_eigen as ce
+    from gradience_kernels import curvature_trace as ct
+
+    out = [(f"{name} (budget {budget})", "ggn",
+            lambda op, fn=getattr(ct, name): fn(op, max_matvecs=budget, seed=0))
+           for name in ("hutchinson", "hutchpp", "xtrace")]
+    out += [
+        ("lanczos top-5", "hessian", lambda op: ce.lanczos(op, k=5, seed=0)),
+        ("slq_density (2 x 16)" if quick else "slq_density (4 probes x 32 steps)",
+         "hessian", lambda op: ce.slq_density(op, n_probes=2 if quick else 4,
+                                              steps=16 if quick else 32, seed=0)),
+    ]
+    return out
+
+
+def overhead_rows(models=("mlp", "cnn", "transformer"), quick: bool = False,
+                  budget: int | None = None, repeats: int | None = None) -> list[dict]:
+    budget = budget or (24 if quick else 96)
+    repeats = repeats or (1 if quick else 3)
+    ests = estimators(budget, quick)
+    rows = []
+    for name in models:
+        model, loss_fn, batch, facts = problem(name, quick)
+        ops = {}
+        for label, kind, run in ests:
+            if kind == "hessian":
+                kind = hessian_kind(quick)
+            op = ops.setdefault(kind, make_operator(kind, model, loss_fn, batch))
+            # Warm-up: build the operator (graphs, 'auto' method choice) and run products of
+            # the sizes estimators use, so first-call costs are not counted as overhead.
+            for b in (1, 2, 6, 16):
+                op.matmat(probes(op, b))
+            walls, expected, inside, matvecs = [], [], [], None
+            for _ in range(repeats):
+                op.reset_count()
+                with MatmatTimer(op) as timer, warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    t0 = time.perf_counter()
+                    run(op)
+                    wall = time.perf_counter() - t0
+                matvecs = op.matvecs
+                sizes = Counter(b for b, _ in timer.calls)
+                per_call = {b: matmat_time(op, b, repeats=1 if quick else 3) for b in sizes}
+                walls.append(wall)
+                expected.append(sum(n * per_call[b] for b, n in sizes.items()))
+                inside.append(timer.seconds)
+            ratios = [w / e for w, e in zip(walls, expected)]
+            outside = [(w - i) / i for w, i in zip(walls, inside)]
+            rows.append({
+                **facts, "estimator": label, "operator": kind, "matvecs": matvecs,
+                "counted_vectors": timer.vectors, "batch_sizes": dict(sorted(sizes.items())),
+                "wall_s": statistics.median(walls),
+                "matvec_s": statistics.median(expected),
+                "overhead_pct": 100 * (statistics.median(ratios) - 1),
+                "outside_pct": 100 * statistics.median(outside),
+            })
+    return rows
+
+
+COLUMNS = [("model", "model", ""), ("estimator", "estimator", ""), ("operator", "op", ""),
+           ("matvecs", "matvecs", ""), ("batch_sizes", "product sizes", ""),
+           ("wall_s", "wall s", ".3f"), ("matvec_s", "matvecs x t(b) s", ".3f"),
+           ("overhead_pct", "overhead %", ".1f"), ("outside_pct", "outside products %", ".1f")]
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--models", default="mlp,cnn,transformer")
+    args = parser.parse_args()
+    print(harness.format_table(overhead_rows(args.models.split(","), args.quick), COLUMNS))
