@@ -25,23 +25,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import reference as R
+from curvature_problems import CONFIGS, problem  # noqa: F401
 from gradience_kernels import curvature_operators as co
-from gradience_kernels import toy_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# Tiny configs (<= 400 parameters: the explicit Hessian is P backward passes).
-CONFIGS = {
-    "mlp": dict(hidden=8, batch=10),
-    "cnn": dict(channels=(3, 4), image_size=6, classes=3, batch=6),
-    "transformer": dict(d_model=4, heads=2, layers=2, seq_len=3, mlp=8, classes=3, in_dim=3,
-                        batch=5),
-}
-
-
-@functools.lru_cache(maxsize=None)
-def problem(name: str, dtype=torch.float64):
-    return tm.make_problem(name, "tiny", dtype=dtype, **CONFIGS[name])
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,7 +11,6 @@ the perturbation (Weyl), bounded by N times that entrywise bound.
 
 from __future__ import annotations
 
-import functools
 
 import numpy as np
 import pytest
@@ -19,22 +18,11 @@ import torch
 from torch import nn
 
 import reference as R
+from curvature_problems import CONFIGS, problem  # noqa: F401
 from gradience_kernels import curvature_samples as cs
-from gradience_kernels import toy_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CONFIGS = {
-    "mlp": dict(hidden=8, batch=10),
-    "cnn": dict(channels=(3, 4), image_size=6, classes=3, batch=6),
-    "transformer": dict(d_model=4, heads=2, layers=2, seq_len=3, mlp=8, classes=3, in_dim=3,
-                        batch=5),
-}
-
-
-@functools.lru_cache(maxsize=None)
-def problem(name: str, dtype=torch.float64):
-    return tm.make_problem(name, "tiny", dtype=dtype, **CONFIGS[name])
 
 
 def entry_tolerance(model, batch, ref: torch.Tensor, dtype, depth: int = 4) -> float:
