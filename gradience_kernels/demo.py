@@ -12,7 +12,7 @@ Marchenko-Pastur spikes; with the time analyze takes (~2.5 s of training added t
 
 Curvature section (demo_curvature.py): Hessian trace by Hutchinson, Hutch++ and XTrace with
 standard errors and HVP counts, top-5 Hessian eigenvalues (Lanczos), the stability margin
-2/lr - lambda_max of the demo's SGD, and the exact empirical Fisher trace (~20 s).
+2/lr - lambda_max of the demo's SGD, and the exact empirical Fisher trace (~10 s).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from . import demo
 
 CURVATURE_SAMPLES = 128
 TRACE_RTOL = 0.05  # the trace rows stop at a 5% relative standard error (or the budget)
-TRACE_BUDGET = 64
+TRACE_BUDGET = 256
 
 
 def curvature_rows(seed: int = 0, samples: int = CURVATURE_SAMPLES,
