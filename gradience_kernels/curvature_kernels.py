@@ -435,14 +435,30 @@ class _Table:
         self.chunk = chunk
         self.rows: list[list[int]] = []
         self.seg = [0]
+        # The tensors whose addresses the rows hold: a contiguous copy made for the table must
+        # outlive it (the kernels read the addresses after the caller's temporaries are gone).
+        self.tensors: list[torch.Tensor] = []
 
     def add(self, a: torch.Tensor, b: torch.Tensor | None, n: int, entry0: int = 0) -> None:
+        self.tensors += [a] if b is None else [a, b]
         aa, ba = a.data_ptr(), (b.data_ptr() if b is not None else 0)
         for s in range(0, n, self.chunk):
             self.rows.append([aa, ba, n, s, min(n, s + self.chunk), entry0, 0, 0])
 
     def close(self) -> None:
         self.seg.append(len(self.rows))
+
+    @classmethod
+    def by_block(cls, chunk: int, blocks, xs, ys, numels, entry0s=None) -> "_Table":
+        """Rows of the tensors of each block in turn (pairs xs[i], ys[i], or xs[i] alone when
+        ys is None), one segment per block, for the per-block reductions."""
+        table = cls(chunk)
+        for m in blocks:
+            for i in m:
+                table.add(xs[i], None if ys is None else ys[i], numels[i],
+                          0 if entry0s is None else entry0s[i])
+            table.close()
+        return table
 
     def tensor(self, device) -> torch.Tensor:
         return torch.tensor(self.rows, dtype=torch.int64).reshape(-1, 8).to(device)
@@ -537,13 +553,8 @@ def _probe_dots(y: list[torch.Tensor], members: list[int], sizes: list[int], see
         return torch.zeros(len(blocks), b, dtype=acc, device=dev)
     keys = torch.from_numpy(_probe_keys(seed & _MASK32, first, b).astype(np.int64)).to(dev)
     bb, bk, steps = _tiles(b, max(numels))
-    work = [_contig(t) for t in y]
-    offs = _entry_offsets(numels, offset)
-    table = _Table(bk * steps)
-    for m in blocks:
-        for i in m:
-            table.add(work[i], None, numels[i], offs[i])
-        table.close()
+    table = _Table.by_block(bk * steps, blocks, [_contig(t) for t in y], None, numels,
+                            _entry_offsets(numels, offset))
     partial = torch.empty(max(1, len(table.rows)), b, dtype=acc, device=dev)
     if table.rows:
         probe_dots_kernel[(len(table.rows), math.ceil(b / bb))](
@@ -572,12 +583,8 @@ def _block_dots_op(x: list[torch.Tensor], y: list[torch.Tensor], members: list[i
     if b == 0 or sum(numels) == 0:
         return torch.zeros(len(blocks), b, dtype=acc, device=dev)
     bb, bk, steps = _tiles(b, max(numels))
-    xs, ys = [_contig(t) for t in x], [_contig(t) for t in y]
-    table = _Table(bk * steps)
-    for m in blocks:
-        for i in m:
-            table.add(xs[i], ys[i], numels[i])
-        table.close()
+    table = _Table.by_block(bk * steps, blocks, [_contig(t) for t in x],
+                            [_contig(t) for t in y], numels)
     partial = torch.empty(max(1, len(table.rows)), b, dtype=acc, device=dev)
     if table.rows:
         block_dots_kernel[(len(table.rows), math.ceil(b / bb))](
@@ -605,19 +612,14 @@ def _block_gram_op(x: list[torch.Tensor], y: list[torch.Tensor], members: list[i
     numels = [_row_len(t) for t in x]
     if a == 0 or c == 0 or sum(numels) == 0:
         return torch.zeros(len(blocks), a, c, dtype=acc, device=dev)
+    ba, bc = min(_pow2(a), 16), min(_pow2(c), 16)
     if _interpreting():
-        ba, bc = min(_pow2(a), 16), min(_pow2(c), 16)
         bk, steps = max(16, min(_pow2(max(numels)), (1 << 20) // (ba * bc))), 1
     else:
-        ba, bc = min(_pow2(a), 16), min(_pow2(c), 16)
         bk = max(16, 4096 // (ba * bc))
         steps = 16384 // bk
-    xs, ys = [_contig(t) for t in x], [_contig(t) for t in y]
-    table = _Table(bk * steps)
-    for m in blocks:
-        for i in m:
-            table.add(xs[i], ys[i], numels[i])
-        table.close()
+    table = _Table.by_block(bk * steps, blocks, [_contig(t) for t in x],
+                            [_contig(t) for t in y], numels)
     partial = torch.empty(max(1, len(table.rows)), a * c, dtype=acc, device=dev)
     if table.rows:
         block_gram_kernel[(len(table.rows), math.ceil(a / ba), math.ceil(c / bc))](
