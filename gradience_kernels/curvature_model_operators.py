@@ -329,6 +329,21 @@ class ModelOperator(CurvatureOperator):
     def _single(self, v: list[torch.Tensor]) -> list[torch.Tensor]:
         return [t[0] for t in self._batched([t.unsqueeze(0) for t in v])]
 
+    def _traced_products(self, fn, make):
+        """make(jv) = (single, batched) products with jv = the forward-mode linearization of fn
+        at the parameters, traced once; None when tracing or vmap over the traced graph fails
+        (tracing is an optimization: the caller keeps its plain jvp)."""
+        p = self.problem
+        try:
+            _, jv = _linearize(fn, p.primals)
+            one, many = make(jv)
+            probe = [torch.zeros(2, *s, dtype=self.dtype, device=self.device)
+                     for s in self.shapes]
+            many(p.as_dict(probe))  # vmap over the traced graph must work too
+            return one, many
+        except Exception:  # noqa: BLE001
+            return None
+
     def _batched(self, V: list[torch.Tensor]) -> list[torch.Tensor]:
         raise NotImplementedError
 
@@ -433,18 +448,12 @@ class HessianOperator(ModelOperator):
         def hvp(v):
             return tfunc.jvp(grad_fn, (p.primals, *y_primal), (v, *y_tangent))[1]
         self._for_single, self._for_batched = hvp, tfunc.vmap(hvp)
-        self.linearized = False
-        if self.linearize:
-            try:
-                _, lin = _linearize(lambda params: grad_fn(params, *y_primal), p.primals)
-                lin_batched = tfunc.vmap(lin)
-                probe = [torch.zeros(2, *s, dtype=self.dtype, device=self.device)
-                         for s in self.shapes]
-                lin_batched(p.as_dict(probe))  # vmap over the traced graph must work too
-                self._for_single, self._for_batched = lin, lin_batched
-                self.linearized = True
-            except Exception:  # noqa: BLE001  tracing is an optimization: keep plain jvp
-                pass
+        traced = (self._traced_products(lambda params: grad_fn(params, *y_primal),
+                                        lambda lin: (lin, tfunc.vmap(lin)))
+                  if self.linearize else None)
+        if traced is not None:
+            self._for_single, self._for_batched = traced
+        self.linearized = traced is not None
 
     def _for(self, V, batched):
         p = self.problem
@@ -563,18 +572,10 @@ class GGNOperator(ModelOperator):
         def jv_plain(v):
             return tfunc.jvp(p.call, (p.primals,), (v,))[1]
         self._one, self._many = make(jv_plain)
-        self.linearized = False
-        if self.linearize:
-            try:
-                _, jv_lin = _linearize(p.call, p.primals)
-                one, many = make(jv_lin)
-                probe = [torch.zeros(2, *s, dtype=self.dtype, device=self.device)
-                         for s in self.shapes]
-                many(p.as_dict(probe))  # vmap over the traced graph must work too
-                self._one, self._many = one, many
-                self.linearized = True
-            except Exception:  # noqa: BLE001  tracing is an optimization: keep plain jvp
-                pass
+        traced = self._traced_products(p.call, make) if self.linearize else None
+        if traced is not None:
+            self._one, self._many = traced
+        self.linearized = traced is not None
 
     def _single(self, v):
         p = self.problem
