@@ -38,7 +38,6 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
 from curvature_matvec_rows import hessian_kind, make_operator, problem  # noqa: E402
 
 from gradience_kernels import curvature_eigen as ce  # noqa: E402
@@ -185,13 +184,3 @@ COLUMNS = [("model", "model", ""), ("parameters", "P", ""), ("hvp_method", "HVP"
            ("power_over_lanczos_matvecs", "power/lanczos matvecs", ".1f"),
            ("power_over_lanczos_time", "power/lanczos time", ".1f"),
            ("same_targets", "same top-5", "")]
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--models", default="mlp,cnn,transformer")
-    args = parser.parse_args()
-    print(harness.format_table(eigen_rows(args.models.split(","), args.quick), COLUMNS))

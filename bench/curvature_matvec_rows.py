@@ -158,13 +158,3 @@ COLUMNS = [("model", "model", ""), ("parameters", "P", ""), ("operator", "operat
            ("batched_ms_per_vec", "batched ms/vec", ".2f"),
            ("looped_ms_per_vec", "looped ms/vec", ".2f"), ("speedup", "looped/batched", ".2f"),
            ("max_rel_diff", "max rel diff", ".1e")]
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--models", default="mlp,cnn,transformer")
-    args = parser.parse_args()
-    print(harness.format_table(matvec_rows(args.models.split(","), args.quick), COLUMNS))

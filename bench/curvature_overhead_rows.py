@@ -27,7 +27,6 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
 from curvature_matvec_rows import (MatmatTimer, hessian_kind, make_operator,  # noqa: E402
                                    matmat_time, probes, problem)
 
@@ -97,13 +96,3 @@ COLUMNS = [("model", "model", ""), ("estimator", "estimator", ""), ("operator", 
            ("matvecs", "matvecs", ""), ("batch_sizes", "product sizes", ""),
            ("wall_s", "wall s", ".3f"), ("matvec_s", "matvecs x t(b) s", ".3f"),
            ("overhead_pct", "overhead %", ".1f"), ("outside_pct", "outside products %", ".1f")]
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--models", default="mlp,cnn,transformer")
-    args = parser.parse_args()
-    print(harness.format_table(overhead_rows(args.models.split(","), args.quick), COLUMNS))

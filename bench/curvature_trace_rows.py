@@ -43,7 +43,6 @@ from torch.func import functional_call, jacrev, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
 from curvature_matvec_rows import make_operator, problem  # noqa: E402
 
 LADDER = (6, 12, 18, 24, 36, 48, 72, 96, 144, 192, 288, 384, 576, 768, 1152, 1536, 2304, 3072)
@@ -304,13 +303,3 @@ CL_COLUMNS = [("model", "model", ""), ("parameters", "P", ""), ("estimator", "es
               ("budget", "matvecs", ""), ("median_s", "median s", ".3f"),
               ("time_vs_gradience", "time / gradience", ".2f"),
               ("rel_err_median", "median rel err", ".2e"), ("rel_err_max", "max rel err", ".2e")]
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--models", default="mlp,cnn,transformer")
-    args = parser.parse_args()
-    print(harness.format_table(trace_accuracy_rows(args.models.split(","), args.quick), COLUMNS))
