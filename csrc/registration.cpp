@@ -51,4 +51,20 @@ TORCH_LIBRARY(gradience, m) {
       "fit_power_law(Tensor[] xs, float? xmax, str xmax_alpha, float[] alpha_range, "
       "bool drop_nonpositive, str d_mode) -> (Tensor fits, Tensor counts, Tensor curves, "
       "Tensor n_tails)");
+  // Curvature estimators' multi-tensor steps over lists of parameter-shaped tensors (CPU; the
+  // same ops in Triton are gradience_triton::*, gradience_kernels/curvature_kernels.py). A batch
+  // is a list of [b, *shape_t] tensors; entries are numbered across the list from `offset`;
+  // blocks are consecutive runs of `sizes` entries of `members` (tensor indices). Results in
+  // float64 for float64 inputs, else float32 (accumulated in float64).
+  // Probes first .. first+b-1 of stream `seed` written into `probes` (Rademacher, or Gaussian).
+  m.def("fill_probes(Tensor(a!)[] probes, int seed, int first, bool gaussian, int offset) -> ()");
+  // D[j, r] = sum over block j's tensors of <z_r, y_t[r]>, z_r = probe first + r (regenerated).
+  m.def(
+      "probe_dots(Tensor[] y, int[] members, int[] sizes, int seed, int first, bool gaussian, "
+      "int offset) -> Tensor");
+  // D[j, r] = sum over block j's tensors of <x_t[r], y_t[r]>: [n_blocks, b].
+  m.def("block_dots(Tensor[] x, Tensor[] y, int[] members, int[] sizes) -> Tensor");
+  // w <- (I - Q Q^T)^passes w in place (classical Gram-Schmidt), Q = rows 0..count-1 of the
+  // basis ([m_max, *shape_t] per tensor, any float dtype); returns Q^T w summed over passes.
+  m.def("orthogonalize(Tensor(a!)[] w, Tensor[] basis, int count, int passes) -> Tensor");
 }

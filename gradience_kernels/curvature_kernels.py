@@ -12,11 +12,17 @@ These are the only places where estimators touch P-sized data outside the matvec
 - ``combine``: basis^T coefficients (Ritz vectors).
 
 Backends (argument ``backend``, default ``"auto"``, or ``use_backend`` for a whole block of
-code): ``"torch"``, per-tensor BLAS calls and NumPy uint32 hashing (the CPU path: no Python
-loop over entries, no concatenation); ``"triton"``, the kernels of
-gradience_kernels/triton/curvature_kernels.py registered as ``gradience_triton::`` custom ops
-with fake kernels (compiled on CUDA, under TRITON_INTERPRET=1 on CPU for tests); ``"auto"``,
-Triton for CUDA tensors and torch otherwise.
+code): ``"cpp"``, the C++ CPU ops ``gradience::fill_probes``, ``probe_dots``, ``block_dots`` and
+``orthogonalize`` (csrc/curvature/: one call over the whole list, probes hashed in vectorized
+tiles and consumed in cache; ``block_gram`` and ``combine``, which are BLAS-3 shaped, take the
+torch path); ``"torch"``, per-tensor BLAS calls and NumPy uint32 hashing (no Python loop over
+entries, no concatenation: the reference the other backends are tested against);
+``"triton"``, the kernels of gradience_kernels/triton/curvature_kernels.py registered as
+``gradience_triton::`` custom ops with fake kernels (compiled on CUDA, under TRITON_INTERPRET=1
+on CPU for tests); ``"auto"``, Triton for CUDA tensors and cpp otherwise. On the bench's MLP
+(150,794 parameters, 16 probes) the cpp path measured 10x faster than torch for Rademacher
+probes, 6x for Gaussian ones, 9x for probe dots, 3x for block dots, 1.8x for one CGS pass
+against 40 basis rows.
 
 Multi-tensor design of the Triton path: ONE launch per step over a chunk table (an int64
 [n_chunks, 8] tensor of base addresses, row lengths and entry ranges; the kernels cast the
@@ -47,7 +53,7 @@ __all__ = ["rademacher", "gaussian", "rademacher_dots", "gaussian_dots", "block_
 _MASK32 = 0xFFFFFFFF
 _U32 = np.uint32
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_BACKENDS = ("auto", "torch", "triton")
+_BACKENDS = ("auto", "torch", "cpp", "triton")
 _default_backend = "auto"
 
 
@@ -268,14 +274,20 @@ def _pick(backend: str | None, device: torch.device) -> str:
     if backend not in _BACKENDS:
         raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if torch.device(device).type == "cuda" else "torch"
+        return "triton" if torch.device(device).type == "cuda" else "cpp"
     return backend
+
+
+def _cpp_device(device: torch.device) -> None:
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"backend='cpp' runs on CPU tensors, got device {device} (use 'auto' "
+                         "or 'triton' for CUDA tensors)")
 
 
 @contextlib.contextmanager
 def use_backend(backend: str):
-    """Default backend of every function here inside the block (``"auto"``, ``"torch"`` or
-    ``"triton"``; an explicit ``backend=`` argument wins). For tests: ``"triton"`` runs whole
+    """Default backend of every function here inside the block (``"auto"``, ``"torch"``,
+    ``"cpp"`` or ``"triton"``; an explicit ``backend=`` argument wins). For tests: ``"triton"`` runs whole
     estimators through the Triton kernels, under TRITON_INTERPRET=1 on CPU."""
     global _default_backend
     if backend not in _BACKENDS:
@@ -716,13 +728,41 @@ def _(basis, count, coeffs, dtype):
     return [q.new_empty((coeffs.shape[1], *q.shape[1:]), dtype=dtype) for q in basis]
 
 
+# ------------------------------------------------------------------------------- C++ ops' fakes
+# The gradience:: CPU ops (schemas in csrc/registration.cpp): shapes and dtypes only.
+@torch.library.register_fake("gradience::fill_probes")
+def _(probes, seed, first, gaussian, offset):
+    return None
+
+
+@torch.library.register_fake("gradience::probe_dots")
+def _(y, members, sizes, seed, first, gaussian, offset):
+    return y[0].new_empty((len(sizes), y[0].shape[0]), dtype=_acc_dtype(y[0].dtype))
+
+
+@torch.library.register_fake("gradience::block_dots")
+def _(x, y, members, sizes):
+    return x[0].new_empty((len(sizes), x[0].shape[0]), dtype=_acc_dtype(x[0].dtype, y[0].dtype))
+
+
+@torch.library.register_fake("gradience::orthogonalize")
+def _(w, basis, count, passes):
+    return w[0].new_empty((count,), dtype=_acc_dtype(w[0].dtype))
+
+
 # ------------------------------------------------------------------------------- public API
 def _probes(shapes, batch, seed, first, dtype, device, backend, gaussian, offset):
     sizes, batch, seed, first, offset = _check_probe_args(shapes, batch, seed, first, dtype,
                                                           offset)
     device = torch.device(device)
-    if _pick(backend, device) == "torch":
+    path = _pick(backend, device)
+    if path == "torch":
         return _torch_probes(sizes, batch, seed, first, dtype, device, gaussian, offset)
+    if path == "cpp":
+        # Generated on the CPU (as the torch path) and moved if another device was asked for.
+        out = [torch.empty(batch, *s, dtype=dtype) for s in sizes]
+        torch.ops.gradience.fill_probes(out, seed, first, gaussian, offset)
+        return [t.to(device) for t in out]
     out = [torch.empty(batch, *s, dtype=dtype, device=device) for s in sizes]
     torch.ops.gradience_triton.fill_probes(out, seed, first, gaussian, offset)
     return out
@@ -760,9 +800,14 @@ def _probe_dots_api(Y, blocks, seed, first, backend, gaussian, offset) -> torch.
         raise ValueError(f"first: probe indices first + batch = {first + Y[0].shape[0]} exceed "
                          "2^63")
     offset = _check_offset(offset, sum(_row_len(y) for y in Y))
-    if _pick(backend, Y[0].device) == "torch":
+    path = _pick(backend, Y[0].device)
+    if path == "torch":
         return _torch_probe_dots(Y, blocks, seed, first, gaussian, offset)
     members, sizes = _flat_blocks(blocks)
+    if path == "cpp":
+        _cpp_device(Y[0].device)
+        return torch.ops.gradience.probe_dots(list(Y), members, sizes, seed, first, gaussian,
+                                              offset)
     return torch.ops.gradience_triton.probe_dots(list(Y), members, sizes, seed, first, gaussian,
                                                  offset)
 
@@ -790,7 +835,7 @@ def block_gram(X: Sequence[torch.Tensor], Y: Sequence[torch.Tensor],
     float32."""
     _check_pair(X, Y, "X", "Y", same_batch=False)
     blocks = _check_blocks(blocks, len(X))
-    if _pick(backend, X[0].device) == "torch":
+    if _pick(backend, X[0].device) in ("torch", "cpp"):  # BLAS-3: the torch path is the cpp one
         return _torch_block_gram(X, Y, blocks)
     members, sizes = _flat_blocks(blocks)
     return torch.ops.gradience_triton.block_gram(list(X), list(Y), members, sizes)
@@ -801,9 +846,13 @@ def block_dots(X: Sequence[torch.Tensor], Y: Sequence[torch.Tensor],
     """D[j, r] = sum over the tensors t of block j of <X_t[r], Y_t[r]>: [n_blocks, b]."""
     _check_pair(X, Y, "X", "Y", same_batch=True)
     blocks = _check_blocks(blocks, len(X))
-    if _pick(backend, X[0].device) == "torch":
+    path = _pick(backend, X[0].device)
+    if path == "torch":
         return _torch_block_dots(X, Y, blocks)
     members, sizes = _flat_blocks(blocks)
+    if path == "cpp":
+        _cpp_device(X[0].device)
+        return torch.ops.gradience.block_dots(list(X), list(Y), members, sizes)
     return torch.ops.gradience_triton.block_dots(list(X), list(Y), members, sizes)
 
 
@@ -820,8 +869,12 @@ def orthogonalize_(w: Sequence[torch.Tensor], basis: Sequence[torch.Tensor], cou
     ||Q^T w|| is O(u_Q) ||w|| instead (measured in python_tests/test_curvature_kernels.py)."""
     count = _check_basis(w, basis, count)
     passes = _index(passes, "passes", lo=1)
-    if _pick(backend, w[0].device) == "torch":
+    path = _pick(backend, w[0].device)
+    if path == "torch":
         return _torch_orthogonalize_(w, basis, count, passes)
+    if path == "cpp":
+        _cpp_device(w[0].device)
+        return torch.ops.gradience.orthogonalize(list(w), list(basis), count, passes)
     return torch.ops.gradience_triton.orthogonalize(list(w), list(basis), count, passes)
 
 
@@ -833,6 +886,6 @@ def combine(basis: Sequence[torch.Tensor], count: int, coeffs: torch.Tensor,
     _check_coeffs(coeffs, count, basis[0].device)
     dtype = basis[0].dtype if dtype is None else dtype
     _check_float_dtype(dtype, "dtype")
-    if _pick(backend, basis[0].device) == "torch":
+    if _pick(backend, basis[0].device) in ("torch", "cpp"):  # BLAS-3 shaped: the torch path
         return _torch_combine(basis, count, coeffs, dtype)
     return torch.ops.gradience_triton.combine(list(basis), count, coeffs, dtype)

@@ -21,6 +21,7 @@ import gradience_kernels.curvature_kernels as ck
 GPU = torch.cuda.is_available()
 # Triton runs where the tests can run it: compiled on a GPU, interpreted on CPU (conftest).
 TDEV = torch.device("cuda" if GPU else "cpu")
+CPU = torch.device("cpu")
 M32 = 0xFFFFFFFF
 UNIT = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}  # unit roundoff of the accumulators
 FLOATS = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -79,8 +80,9 @@ def acc_of(*dtypes):
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def both(fn, *args, **kw):
-    """fn on the torch path (CPU) and on the Triton path (TDEV), results on CPU."""
+def backends(fn, *args, **kw):
+    """fn on the torch path (CPU), the C++ ops (CPU) and the Triton path (TDEV): three
+    results, the Triton one on TDEV."""
     def move(a):
         if isinstance(a, torch.Tensor):
             return a.to(TDEV)
@@ -88,8 +90,9 @@ def both(fn, *args, **kw):
             return [t.to(TDEV) for t in a]
         return a
     out_t = fn(*args, backend="torch", **kw)
+    out_c = fn(*args, backend="cpp", **kw)
     out_g = fn(*[move(a) for a in args], backend="triton", **kw)
-    return out_t, out_g
+    return out_t, out_c, out_g
 
 
 shapes_st = st.lists(st.lists(st.integers(1, 6), min_size=0, max_size=3).map(tuple),
@@ -110,11 +113,11 @@ def blocks_st(draw, n):
 
 
 # ----------------------------------------------------------------------------- probes
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
 def test_probes_follow_the_integer_specification(backend):
     """Entry indices on both sides of 2^32 and far above it (the hash's hi word), seeds
     negative and beyond 2^32, probe indices beyond 2^32."""
-    dev = TDEV if backend == "triton" else torch.device("cpu")
+    dev = TDEV if backend == "triton" else CPU
     for seed, first, offset in [(0, 0, 0), (-3, 5, 2**32 - 4), (2**40 + 7, 2**40, 7 * 2**32 + 11)]:
         n = 9
         z = ck.rademacher([(n,)], 3, seed, first, dtype=torch.float64, device=dev, backend=backend,
@@ -133,14 +136,19 @@ def test_probes_follow_the_integer_specification(backend):
 def gaussian_tolerance(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Two Box-Muller evaluations of the same (u1, u2) in float64: sqrt is correctly rounded,
     log within 1 ulp and cos within 2 ulps on every backend used (glibc, SLEEF, NumPy, CUDA
-    libdevice), and the products -2 log u1 and 2 pi u2 round once each; so each result is within
-    ~6 ulps relative of the exact z, two results within 16 eps64 |z|. A cast to `dtype`
-    (float32 first, as torch) then rounds each once more: at most one ulp of dtype apart, eps
-    |z|, plus the smallest subnormal near 0."""
+    libdevice, the C++ kernels' polynomials), and the products -2 log u1 and 2 pi u2 round once
+    each; so each result is within ~6 ulps relative of the exact z, two results within
+    16 eps64 |z|, except for the rounding of the argument x = 2 pi u2 near a zero of cos: it
+    moves x by <= |x| eps64 / 2 <= pi eps64, so z by <= R pi eps64 in absolute terms with
+    R = sqrt(-2 log u1) <= sqrt(64 ln 2) < 6.7 (u1 >= 2^-33); the C++ path reduces u2 exactly
+    before its product, so two results differ by at most 2 x 6.7 pi eps64 from this term. A cast
+    to `dtype` (float32 first, as torch) then rounds each once more: at most one ulp of dtype
+    apart, eps |z|, plus the smallest subnormal near 0."""
     z = z.double().abs()
     fi = torch.finfo(dtype)
-    return 16 * 2.0**-52 * z + (fi.eps * z + fi.smallest_normal * fi.eps if dtype != torch.float64
-                                else 0.0)
+    argument = 2 * 6.7 * math.pi * 2.0**-52
+    return 16 * 2.0**-52 * z + argument + (fi.eps * z + fi.smallest_normal * fi.eps
+                                           if dtype != torch.float64 else 0.0)
 
 
 @settings(max_examples=30)
@@ -153,16 +161,20 @@ def test_probes_equal_across_backends(shapes, batch, first, seed, dtype, offset)
     for a, b, s in zip(z_t, z_g, shapes):
         assert a.shape == (batch, *s) and a.dtype == dtype
         assert torch.equal(a, b.cpu())  # bitwise: Rademacher entries are exact
+    z_c = ck.rademacher(shapes, batch, seed, first, dtype, "cpu", "cpp", offset)
+    assert all(torch.equal(a, c) for a, c in zip(z_t, z_c))
     g_t = ck.gaussian(shapes, batch, seed, first, dtype, "cpu", "torch", offset)
     g_g = ck.gaussian(shapes, batch, seed, first, dtype, TDEV, "triton", offset)
-    for a, b in zip(g_t, g_g):
+    g_c = ck.gaussian(shapes, batch, seed, first, dtype, "cpu", "cpp", offset)
+    for a, b, c in zip(g_t, g_g, g_c):
         assert ((a.double() - b.cpu().double()).abs() <= gaussian_tolerance(a, dtype)).all()
+        assert ((a.double() - c.double()).abs() <= gaussian_tolerance(a, dtype)).all()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
 def test_probe_j_is_the_same_whatever_the_split(backend, kind):
-    dev = TDEV if backend == "triton" else torch.device("cpu")
+    dev = TDEV if backend == "triton" else CPU
     gen = getattr(ck, kind)
     shapes = [(4, 5), (3,), (2, 2, 3)]
     P = sum(math.prod(s) for s in shapes)
@@ -244,11 +256,12 @@ def test_probe_dots_equal_dots_with_the_probes(kind):
     tol = gamma(50, torch.float64) * torch.stack([
         (flat([Z[i] for i in m]) * flat([Y[i] for i in m])).abs().sum(1) if m else
         torch.zeros(4, dtype=torch.float64) for m in blocks])
-    d_t, d_g = both(dots, Y, blocks, 17, 9, offset=2**32 - 20)
-    for d in (d_t, d_g.cpu()):
+    d_t, d_c, d_g = backends(dots, Y, blocks, 17, 9, offset=2**32 - 20)
+    for d in (d_t, d_c, d_g.cpu()):
         assert d.shape == (3, 4) and d.dtype == torch.float64
         assert ((d - want).abs() <= tol + 1e-300).all()
     assert torch.equal(d_g[1], torch.zeros(4, dtype=torch.float64))
+    assert torch.equal(d_c[1], torch.zeros(4, dtype=torch.float64))
 
 
 # ----------------------------------------------------------------------------- block products
@@ -276,7 +289,7 @@ def test_block_gram_and_dots_match_float64(data, shapes, a, c, xdt, ydt):
                 want.append((Xf * Yf).sum(1))
                 bound.append(g_n * (Xf * Yf).abs().sum(1))
         want, bound = torch.stack(want), torch.stack(bound)
-        for got in both(fn, X, Y, blocks):
+        for got in backends(fn, X, Y, blocks):
             assert got.dtype == acc and got.shape == want.shape
             assert ((got.cpu().double() - want).abs() <= bound + 1e-300).all(), (name, got, want)
 
@@ -285,11 +298,10 @@ def test_block_products_accept_strided_and_empty_tensors():
     X = [torch.randn(6, 3, dtype=torch.float64).T, torch.zeros(3, 0, dtype=torch.float64)]
     Y = [torch.randn(3, 6, dtype=torch.float64), torch.zeros(3, 0, dtype=torch.float64)]
     for fn in (ck.block_gram, ck.block_dots):
-        t, g = both(fn, X, Y, [[0, 1], [1]])
         want = X[0] @ Y[0].T if fn is ck.block_gram else (X[0] * Y[0]).sum(1)
-        torch.testing.assert_close(t[0], want, rtol=0, atol=1e-14)
-        torch.testing.assert_close(g[0].cpu(), want, rtol=0, atol=1e-14)
-        assert not t[1].any() and not g[1].any()
+        for got in backends(fn, X, Y, [[0, 1], [1]]):
+            torch.testing.assert_close(got[0].cpu(), want, rtol=0, atol=1e-14)
+            assert not got[1].any()
 
 
 # ----------------------------------------------------------------------------- CGS2
@@ -339,7 +351,7 @@ def test_orthogonalize_matches_float64_cgs(shapes, m_max, data, wdt, qdt, passes
     w0 = randn_batch(1, shapes, wdt, seed=6)
     Qs = flat(basis)[:count]  # the stored values, exactly, in float64
     want, err, coeffs_want, coeffs_err = cgs_reference(Qs, flat(w0)[0], passes, wdt)
-    for backend, dev in [("torch", torch.device("cpu")), ("triton", TDEV)]:
+    for backend, dev in [("torch", CPU), ("cpp", CPU), ("triton", TDEV)]:
         w = [t[0].to(dev, copy=True) for t in w0]
         before = [t.clone() for t in basis]
         coeffs = ck.orthogonalize_(w, [q.to(dev) for q in basis], count, passes=passes,
@@ -356,7 +368,7 @@ def test_orthogonalize_matches_float64_cgs(shapes, m_max, data, wdt, qdt, passes
 def test_orthogonalize_strided_vector_in_place():
     shapes = [(5, 4), (6,)]
     basis, Q = orthonormal_basis(shapes, 3, torch.float64, seed=1)
-    for backend, dev in [("torch", torch.device("cpu")), ("triton", TDEV)]:
+    for backend, dev in [("torch", CPU), ("cpp", CPU), ("triton", TDEV)]:
         g = torch.Generator().manual_seed(2)
         w = [torch.randn(4, 5, generator=g, dtype=torch.float64).to(dev).T,
              torch.randn(6, generator=g, dtype=torch.float64).to(dev)]
@@ -367,7 +379,7 @@ def test_orthogonalize_strided_vector_in_place():
         torch.testing.assert_close(got, w0 - Q.T @ (Q @ w0), rtol=0, atol=1e-13)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
 def test_basis_precision_and_orthogonality_loss(backend, capsys):
     """CGS2 of w = g + 10 sum_i q_i (large components along the basis, as A q_j in Lanczos)
     against m = 30 rows stored in float64 / float32 / bfloat16, P = 3000 in four tensors.
@@ -378,7 +390,7 @@ def test_basis_precision_and_orthogonality_loss(backend, capsys):
     ||Q_s v|| <= ||Q_s v_ref|| + ||Q_s||_2 ||e||_2. Against the exact float64 rows Q the loss is
     then ||Q v|| <= ||Q - Q_s||_2 ||v|| + ||Q_s v||: the storage error, first order, which
     the figures printed with -s show (see the report)."""
-    dev = TDEV if backend == "triton" else torch.device("cpu")
+    dev = TDEV if backend == "triton" else CPU
     shapes = [(40, 50), (50,), (30, 30), (50,)]
     m = 30
     _, Q = orthonormal_basis(shapes, m, torch.float64, seed=11)
@@ -425,7 +437,7 @@ def test_combine_matches_float64(shapes, m_max, r, data, qdt, odt):
     fi = torch.finfo(out_dt)
     bound = gamma(count + 1, acc) * (Cr.abs().T @ Qf.abs())
     bound = bound + fi.eps * (want.abs() + bound) + fi.smallest_normal * fi.eps
-    for got in both(ck.combine, basis, count, C, dtype=odt):
+    for got in backends(ck.combine, basis, count, C, dtype=odt):
         assert [tuple(t.shape) for t in got] == [(r, *s) for s in shapes]
         assert all(t.dtype == out_dt for t in got)
         assert ((flat(got) - want).abs() <= bound).all()
@@ -450,6 +462,57 @@ def test_triton_ops_are_deterministic():
                      *ck.combine(basis, 5, torch.ones(5, 2, device=TDEV), backend="triton")])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_cpp_ops_are_deterministic_whatever_the_thread_count():
+    """Work items are fixed by the sizes, partial sums added in item order: bitwise the same
+    output for the same input on 1 and 2 threads (and across runs). Sizes span several items
+    (16384 entries for the probe kernels, 4096 for orthogonalize) and an entry range across
+    2^32."""
+    shapes = [(40, 1000), (5,), (20000,)]
+    X = randn_batch(3, shapes, torch.float32, seed=1)
+    Y = randn_batch(3, shapes, torch.float32, seed=2)
+    basis, _ = orthonormal_basis(shapes, 6, torch.float32, seed=3)
+    blocks = [[0, 2], [1]]
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 2):
+            torch.set_num_threads(n)
+            w = [t[0].clone() for t in X]
+            runs.append([ck.block_dots(X, Y, blocks, backend="cpp"),
+                         ck.rademacher_dots(Y, blocks, 4, offset=2**32 - 5000, backend="cpp"),
+                         ck.gaussian_dots(Y, blocks, 4, backend="cpp"),
+                         *ck.gaussian(shapes, 2, 3, backend="cpp"),
+                         ck.orthogonalize_(w, basis, 5, backend="cpp"), *w])
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+def _cpp_steps(Y, w, basis):
+    d = ck.rademacher_dots(Y, [[0], [1]], 5, 2, backend="cpp")
+    e = ck.block_dots(Y, Y, [[0, 1]], backend="cpp")
+    c = ck.orthogonalize_(w, basis, 3, backend="cpp")  # in place, under functionalization
+    z = ck.gaussian([(3, 5), (7,)], 2, 1, backend="cpp")
+    return d * 2, e, c, w[0] + 1, z[0]
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_cpp_ops(backend):
+    torch._dynamo.reset()
+    shapes = [(3, 5), (7,)]
+    Y = randn_batch(4, shapes, torch.float32, seed=1)
+    basis = randn_batch(5, shapes, torch.float32, seed=2)
+    w = [t[0] for t in randn_batch(1, shapes, torch.float32, seed=3)]
+    w_e, w_c = [t.clone() for t in w], [t.clone() for t in w]
+    eager = _cpp_steps(Y, w_e, basis)
+    compiled = torch.compile(_cpp_steps, fullgraph=True, backend=backend)(Y, w_c, basis)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(w_e, w_c))  # the in-place update happened
 
 
 # ----------------------------------------------------------------------------- compile
@@ -477,6 +540,45 @@ def test_compile_fullgraph_triton_ops(backend):
 
 
 # ----------------------------------------------------------------------------- errors
+def _cpp_op_errors():
+    """The C++ ops called directly (not through the checked Python API) still name the
+    argument and the value."""
+    ops = torch.ops.gradience
+    t = [torch.randn(2, 3)]
+    return [
+        (lambda: ops.block_dots([torch.ones(2, 3, dtype=torch.int32)], t, [0], [1]), TypeError,
+         r"x\[0\]: expected a float dtype .* got Int"),
+        (lambda: ops.block_dots(t, [torch.randn(3, 3)], [0], [1]), ValueError,
+         r"y\[0\]: expected shape \[2, 3\]"),
+        (lambda: ops.block_dots(t, t, [1], [1]), ValueError,
+         r"members\[0\]: tensor index 1 out of range for 1 tensors"),
+        (lambda: ops.block_dots(t, t, [0], [2]), ValueError, r"sizes: block sizes \[2\]"),
+        (lambda: ops.probe_dots(t, [0], [1], 0, -1, False, 0), ValueError,
+         r"first: expected an int >= 0, got -1"),
+        (lambda: ops.fill_probes([torch.empty(2, 3), torch.empty(3, 3)], 0, 0, False, 0),
+         ValueError, r"probes\[1\]: batch size 3 differs from probes\[0\]'s 2"),
+        (lambda: ops.fill_probes(t, 0, 0, False, 2**62), ValueError, r"offset: entry indices"),
+        (lambda: ops.orthogonalize([torch.randn(3)], [torch.randn(2, 3)], 3, 1), ValueError,
+         r"count: 3 exceeds the basis' m_max = 2 rows"),
+        (lambda: ops.orthogonalize([torch.randn(3)], [torch.randn(2, 4)], 1, 1), ValueError,
+         r"basis\[0\]: expected shape \[m_max, \[3\]\]"),
+        (lambda: ops.orthogonalize([torch.randn(3)], [torch.randn(2, 3)], 1, 0), ValueError,
+         r"passes: expected an int >= 1, got 0"),
+        (lambda: ops.orthogonalize([torch.randn(3)], [torch.ones(2, 3, dtype=torch.int64)], 1,
+                                   1), TypeError, r"basis\[0\]: expected a float dtype"),
+        (lambda: ops.orthogonalize([torch.randn(3), torch.randn(2, dtype=torch.float64)],
+                                   [torch.randn(2, 3), torch.randn(2, 2)], 1, 1), TypeError,
+         r"w\[1\]: dtype Double differs from w\[0\]'s Float"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_cpp_op_errors())))
+def test_cpp_ops_reject_bad_input_by_name(case):
+    fn, exc, pattern = _cpp_op_errors()[case]
+    with pytest.raises(exc, match=pattern):
+        fn()
+
+
 def _errors():
     t = torch.randn(2, 3)
     b = [torch.randn(4, 3)]

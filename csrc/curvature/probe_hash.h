@@ -1,0 +1,122 @@
+// The counter-based probe hash of the curvature estimators, torch-free. The same integer
+// specification as the torch path (gradience_kernels/curvature_kernels.py, NumPy uint32) and
+// the Triton kernels (gradience_kernels/triton/curvature_kernels.py), so probe j of a stream is
+// bitwise the same on every backend (Rademacher), or equal to rounding (Gaussian, whose log/cos
+// implementations differ by a few ulps between backends).
+//
+//   s      = fmix32(seed * 0x9E3779B9)                       (all arithmetic mod 2^32)
+//   key_j  = fmix32(j * 0x9E3779B9 + s)                       probe j of stream seed
+//   h(e)   = fmix32(fmix32(key_j + lo * 0x7FEB352D) ^ hi * 0x846CA68B),  e = hi 2^32 + lo
+// fmix32 is MurmurHash3's 32-bit finalizer; counter-based generation as in Salmon et al. 2011
+// ("Parallel random numbers: as easy as 1, 2, 3").
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+namespace gradience::curvature {
+
+inline uint32_t fmix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x85EBCA6Bu;
+  x ^= x >> 13;
+  x *= 0xC2B2AE35u;
+  return x ^ (x >> 16);
+}
+
+inline uint32_t probe_key(uint32_t seed, uint64_t probe) {
+  const uint32_t s = fmix32(seed * 0x9E3779B9u);
+  return fmix32(static_cast<uint32_t>(probe) * 0x9E3779B9u + s);
+}
+
+// The hash of entries lo0 .. lo0+n-1 that share the high word `hi` (the caller splits ranges
+// at multiples of 2^32), into out[0..n). A plain loop of uint32 operations: vectorized by the
+// compiler (8 lanes under AVX2).
+inline void entry_hashes(uint32_t key, uint32_t hi, uint32_t lo0, int64_t n, uint32_t* out) {
+  const uint32_t hmix = hi * 0x846CA68Bu;  // x ^ 0 = x: entries below 2^32 are unchanged
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t lo = lo0 + static_cast<uint32_t>(i);
+    out[i] = fmix32(fmix32(key + lo * 0x7FEB352Du) ^ hmix);
+  }
+}
+
+// Rademacher value of a hash: -1 when the top bit is set, else +1 (exact in every float format).
+inline float rademacher_of(uint32_t h) {
+  const uint32_t bits = 0x3F800000u | (h & 0x80000000u);
+  float f;
+  __builtin_memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// cos(2 pi u) for u in (0, 1), branch-free so that loops over it vectorize: the distance
+// a = min(u, 1 - u) to the nearest integer is exact (1 - u is exact for u >= 1/2, Sterbenz, and
+// not chosen below), cos is even and cos(2 pi a) = -cos(2 pi (1/2 - a)), so a in [0, 1/4]; then
+// cos x (a <= 1/8) or sin(pi/2 - x), x = 2 pi a in [0, pi/4], by Taylor series to x^16 / x^17
+// (first omitted term < 3e-18). 1/2 - a and 1/4 - a are exact, so the error is a few ulps.
+inline double cos_two_pi(double u) {
+  constexpr double kTwoPi = 6.28318530717958647692;
+  double a = u < 1.0 - u ? u : 1.0 - u;           // [0, 1/2]
+  const bool flip = a > 0.25;
+  a = flip ? 0.5 - a : a;                         // [0, 1/4]
+  const bool use_sin = a > 0.125;
+  const double x = kTwoPi * (use_sin ? 0.25 - a : a);  // [0, pi/4]
+  const double z = x * x;
+  double c = 1.0 / 20922789888000.0;               // 1/16!
+  c = c * z - 1.0 / 87178291200.0;                 // 1/14!
+  c = c * z + 1.0 / 479001600.0;                   // 1/12!
+  c = c * z - 1.0 / 3628800.0;                     // 1/10!
+  c = c * z + 1.0 / 40320.0;
+  c = c * z - 1.0 / 720.0;
+  c = c * z + 1.0 / 24.0;
+  c = c * z - 0.5;
+  c = c * z + 1.0;
+  double s = 1.0 / 355687428096000.0;              // 1/17!
+  s = s * z - 1.0 / 1307674368000.0;               // 1/15!
+  s = s * z + 1.0 / 6227020800.0;                  // 1/13!
+  s = s * z - 1.0 / 39916800.0;                    // 1/11!
+  s = s * z + 1.0 / 362880.0;
+  s = s * z - 1.0 / 5040.0;
+  s = s * z + 1.0 / 120.0;
+  s = s * z - 1.0 / 6.0;
+  s = x + x * z * s;
+  const double r = use_sin ? s : c;
+  return flip ? -r : r;
+}
+
+// (h + 1/2) 2^-32 in (0, 1) for a hash h, exactly: through int32 (a packed conversion on AVX2;
+// uint32 -> double is not), h + 1/2 < 2^32 is representable.
+inline double unit_of(uint32_t h) {
+  return (static_cast<double>(static_cast<int32_t>(h ^ 0x80000000u)) + 2147483648.5) *
+         (1.0 / 4294967296.0);
+}
+
+// log u for u in (0, 1) normal: the method of tail/fast_log.h without its subnormal scaling
+// (u >= 2^-33 here), so that the Box-Muller loop has no data-dependent control flow.
+inline double log_unit(double u) {
+  constexpr double kLn2 = 0.69314718055994530942;
+  constexpr double kSqrt2 = 1.41421356237309504880;
+  uint64_t bits;
+  __builtin_memcpy(&bits, &u, sizeof bits);
+  const int32_t exponent = static_cast<int32_t>(bits >> 52) - 1023;
+  const uint64_t mbits = (bits & 0x000fffffffffffffull) | 0x3ff0000000000000ull;
+  double m;
+  __builtin_memcpy(&m, &mbits, sizeof m);
+  const bool halve = m > kSqrt2;
+  m = halve ? m * 0.5 : m;
+  const double e = static_cast<double>(exponent) + (halve ? 1.0 : 0.0);
+  const double f = m - 1.0;
+  const double s = f / (2.0 + f);
+  const double z = s * s;
+  double series = 1.0 / 21.0;
+  series = series * z + 1.0 / 19.0;
+  series = series * z + 1.0 / 17.0;
+  series = series * z + 1.0 / 15.0;
+  series = series * z + 1.0 / 13.0;
+  series = series * z + 1.0 / 11.0;
+  series = series * z + 1.0 / 9.0;
+  series = series * z + 1.0 / 7.0;
+  series = series * z + 1.0 / 5.0;
+  series = series * z + 1.0 / 3.0;
+  return e * kLn2 + (f - s * (f - 2.0 * z * series));
+}
+
+}  // namespace gradience::curvature
