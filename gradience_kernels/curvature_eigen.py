@@ -252,7 +252,10 @@ def _owned(W: list[torch.Tensor], rows: Sequence[torch.Tensor]) -> list[torch.Te
 
 def _scale_into(row: Sequence[torch.Tensor], w: Sequence[torch.Tensor], scale: float) -> None:
     for r, t in zip(row, w):
-        r.copy_(t * scale)
+        if r.dtype == t.dtype:
+            torch.mul(t, scale, out=r)  # one pass, no P-sized temporary
+        else:
+            r.copy_(t * scale)  # rounded once to the basis' storage dtype
 
 
 # --------------------------------------------------------------------------- Lanczos

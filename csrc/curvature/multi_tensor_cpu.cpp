@@ -11,16 +11,19 @@
 #include "common/half_float.h"
 #include "common/parallel.h"
 #include "curvature/probe_hash.h"
+#include "tail/fast_log.h"
 
 namespace gradience::curvature {
 namespace {
 
 constexpr int64_t kTile = 256;          // probe entries generated at a time (L1)
 constexpr int64_t kProbeChunk = 16384;  // entries per work item of the probe/dot kernels
-// Entries per item of orthogonalize: long enough row segments for the hardware prefetcher
-// (1024 measured 1.3x slower than BLAS gemv on 40 x 150k), short enough that a pass's update
-// and the next pass's dots find the item's basis rows in cache.
-constexpr int64_t kOrthoChunk = 4096;
+// Entries per item of orthogonalize: row segments as long as possible for the hardware
+// prefetcher, but short enough that a pass's update and the next pass's dots find the item's
+// count basis rows in L2 (kOrthoCache bytes); the chunk depends on count and the sizes only.
+constexpr int64_t kOrthoChunk = 8192;
+constexpr int64_t kOrthoMinChunk = 1024;
+constexpr int64_t kOrthoCache = 256 * 1024;
 constexpr int64_t kMaxItems = 8192;     // bounds the partial sums: chunks grow beyond this
 
 // ------------------------------------------------------------------ storage types
@@ -81,20 +84,23 @@ std::vector<int64_t> entry_offsets(const Batch& b, int64_t offset) {
   return out;
 }
 
-// The sum of 8 lanes in a fixed tree (deterministic, vectorizable accumulation).
-inline double lanes_sum(const double* acc) {
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
+// Dot product in float64 over kLanes independent accumulators (4 AVX2 registers: enough
+// independent FMA chains to stream at memory speed; 8 lanes measured 1.3x slower than BLAS),
+// summed in a fixed tree: deterministic and vectorized.
+constexpr int kLanes = 16;
 
 template <typename A, typename B>
-inline double dot8(const A& a, const B& b, int64_t n) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+inline double dot_lanes(const A& a, const B& b, int64_t n) {
+  double acc[kLanes] = {};
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += static_cast<double>(a(i + j)) * static_cast<double>(b(i + j));
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j)
+      acc[j] += static_cast<double>(a(i + j)) * static_cast<double>(b(i + j));
   double tail = 0;
   for (; i < n; ++i) tail += static_cast<double>(a(i)) * static_cast<double>(b(i));
-  return lanes_sum(acc) + tail;
+  for (int width = kLanes / 2; width > 0; width /= 2)
+    for (int j = 0; j < width; ++j) acc[j] += acc[j + width];
+  return acc[0] + tail;
 }
 
 // Per-item partials [items][rows] -> per-tensor sums [T][rows] in item order -> blocks.
@@ -140,7 +146,29 @@ void gaussian_tile(uint32_t key, uint64_t e0, int64_t n, double* z) {
     done += len;
   }
   for (int64_t i = 0; i < n; ++i)
-    z[i] = std::sqrt(-2.0 * log_unit(unit_of(h[2 * i]))) * cos_two_pi(unit_of(h[2 * i + 1]));
+    // u >= 2^-33 is normal: log_core without fast_log's subnormal select, which keeps the loop
+    // free of data-dependent control flow (vectorized).
+    z[i] = std::sqrt(-2.0 * tail::log_core(unit_of(h[2 * i]), 0)) * cos_two_pi(unit_of(h[2 * i + 1]));
+}
+
+// Calls use(z, n) on each tile of probe values of entries [start, stop) of one row: z points to
+// float +-1 (Rademacher) or float64 normals (Gaussian).
+template <typename Use>
+void for_each_probe_tile(uint32_t key, int64_t entry0, int64_t start, int64_t stop,
+                         bool gaussian, Use&& use) {
+  float zf[kTile];
+  double zd[kTile];
+  for (int64_t s = start; s < stop; s += kTile) {
+    const int64_t n = std::min(kTile, stop - s);
+    const uint64_t e0 = static_cast<uint64_t>(entry0 + s);
+    if (gaussian) {
+      gaussian_tile(key, e0, n, zd);
+      use(s, zd, n);
+    } else {
+      rademacher_tile(key, e0, n, zf);
+      use(s, zf, n);
+    }
+  }
 }
 
 }  // namespace
@@ -154,24 +182,15 @@ void fill_probes(const Batch& out, uint32_t seed, int64_t first, bool gaussian, 
   dispatch(out.type, [&]<Storage S>() {
     using T = typename Elem<S>::T;
     parallel_blocks(static_cast<int64_t>(items.size()), [&](int64_t lo, int64_t hi, int) {
-      float zf[kTile];
-      double zd[kTile];
       for (int64_t k = lo; k < hi; ++k) {
         const Item& it = items[k];
         const TensorRows& t = out.tensors[it.tensor];
         for (int64_t r = 0; r < out.rows; ++r) {
           T* row = static_cast<T*>(t.data) + r * t.n;
-          for (int64_t s = it.start; s < it.stop; s += kTile) {
-            const int64_t n = std::min(kTile, it.stop - s);
-            const uint64_t e0 = static_cast<uint64_t>(offsets[it.tensor] + s);
-            if (gaussian) {
-              gaussian_tile(keys[r], e0, n, zd);
-              for (int64_t i = 0; i < n; ++i) store<S>(row, s + i, zd[i]);
-            } else {
-              rademacher_tile(keys[r], e0, n, zf);
-              for (int64_t i = 0; i < n; ++i) store<S>(row, s + i, zf[i]);
-            }
-          }
+          for_each_probe_tile(keys[r], offsets[it.tensor], it.start, it.stop, gaussian,
+                              [&](int64_t s, const auto* z, int64_t n) {
+                                for (int64_t i = 0; i < n; ++i) store<S>(row, s + i, z[i]);
+                              });
         }
       }
     });
@@ -190,26 +209,17 @@ void probe_dots(const Batch& y, const Blocks& blocks, uint32_t seed, int64_t fir
   dispatch(y.type, [&]<Storage S>() {
     using T = typename Elem<S>::T;
     parallel_blocks(static_cast<int64_t>(items.size()), [&](int64_t lo, int64_t hi, int) {
-      float zf[kTile];
-      double zd[kTile];
       for (int64_t k = lo; k < hi; ++k) {
         const Item& it = items[k];
         const TensorRows& t = y.tensors[it.tensor];
         for (int64_t r = 0; r < rows; ++r) {
           const T* row = static_cast<const T*>(t.data) + r * t.n;
           double sum = 0;
-          for (int64_t s = it.start; s < it.stop; s += kTile) {
-            const int64_t n = std::min(kTile, it.stop - s);
-            const uint64_t e0 = static_cast<uint64_t>(offsets[it.tensor] + s);
-            auto yv = [&](int64_t i) { return load<S>(row, s + i); };
-            if (gaussian) {
-              gaussian_tile(keys[r], e0, n, zd);
-              sum += dot8([&](int64_t i) { return zd[i]; }, yv, n);
-            } else {
-              rademacher_tile(keys[r], e0, n, zf);
-              sum += dot8([&](int64_t i) { return zf[i]; }, yv, n);
-            }
-          }
+          for_each_probe_tile(keys[r], offsets[it.tensor], it.start, it.stop, gaussian,
+                              [&](int64_t s, const auto* z, int64_t n) {
+                                sum += dot_lanes([&](int64_t i) { return z[i]; },
+                                            [&](int64_t i) { return load<S>(row, s + i); }, n);
+                              });
           partial[k * rows + r] = sum;
         }
       }
@@ -233,7 +243,7 @@ void block_dots(const Batch& x, const Batch& y, const Blocks& blocks, double* ou
           for (int64_t r = 0; r < rows; ++r) {
             const TX* a = static_cast<const TX*>(x.tensors[it.tensor].data) + r * n + it.start;
             const TY* b = static_cast<const TY*>(y.tensors[it.tensor].data) + r * n + it.start;
-            partial[k * rows + r] = dot8([&](int64_t i) { return load<SX>(a, i); },
+            partial[k * rows + r] = dot_lanes([&](int64_t i) { return load<SX>(a, i); },
                                          [&](int64_t i) { return load<SY>(b, i); },
                                          it.stop - it.start);
           }
@@ -266,7 +276,7 @@ void ortho_chunk(typename Elem<SW>::T* w, const typename Elem<SQ>::T* q, int64_t
   if (with_dots) {
     for (int64_t r = 0; r < count; ++r) {
       const auto* qr = q + r * row_stride;
-      dots[r] = dot8([&](int64_t i) { return load<SQ>(qr, i); }, [&](int64_t i) { return buf[i]; },
+      dots[r] = dot_lanes([&](int64_t i) { return load<SQ>(qr, i); }, [&](int64_t i) { return buf[i]; },
                      len);
     }
   }
@@ -278,9 +288,14 @@ void orthogonalize(const Batch& w, const Batch& basis, int64_t count, int64_t pa
                    double* total) {
   for (int64_t r = 0; r < count; ++r) total[r] = 0.0;
   if (count == 0 || passes <= 0) return;
-  // Items small enough for the buffer: the chunk may grow past kOrthoChunk only for huge
-  // vectors, where it is then split into kOrthoChunk pieces within the item.
-  const auto items = make_items(w.tensors, w.n_tensors, kOrthoChunk);
+  // make_items grows the chunk past `chunk` only for huge vectors (kMaxItems); an item is then
+  // walked in pieces of at most kOrthoChunk entries (the buffer).
+  const int64_t elem = basis.type == Storage::kFloat64 ? 8 : basis.type == Storage::kFloat32 ? 4 : 2;
+  const int64_t chunk =
+      passes == 1 ? kOrthoChunk
+                  : std::clamp(kOrthoCache / (count * elem), kOrthoMinChunk, kOrthoChunk);
+  const auto items = make_items(w.tensors, w.n_tensors, chunk);
+  const int64_t step = std::min(chunk, kOrthoChunk);  // the buffer's size bounds a piece
   const size_t n_items = items.size();
   std::vector<double> partial(n_items * count, 0.0), coeffs(count, 0.0);
   const bool f64 = w.type == Storage::kFloat64 || basis.type == Storage::kFloat64;
@@ -298,8 +313,8 @@ void orthogonalize(const Batch& w, const Batch& basis, int64_t count, int64_t pa
             const TQ* qt = static_cast<const TQ*>(basis.tensors[it.tensor].data);
             double* dots = partial.data() + k * count;
             if (with_dots) std::fill(dots, dots + count, 0.0);
-            for (int64_t s = it.start; s < it.stop; s += kOrthoChunk) {
-              const int64_t len = std::min(kOrthoChunk, it.stop - s);
+            for (int64_t s = it.start; s < it.stop; s += step) {
+              const int64_t len = std::min(step, it.stop - s);
               if (f64)
                 ortho_chunk<SW, SQ, double>(wt + s, qt + s, n, len, count, coeffs.data(), update,
                                             with_dots, piece.data());

@@ -89,34 +89,4 @@ inline double unit_of(uint32_t h) {
          (1.0 / 4294967296.0);
 }
 
-// log u for u in (0, 1) normal: the method of tail/fast_log.h without its subnormal scaling
-// (u >= 2^-33 here), so that the Box-Muller loop has no data-dependent control flow.
-inline double log_unit(double u) {
-  constexpr double kLn2 = 0.69314718055994530942;
-  constexpr double kSqrt2 = 1.41421356237309504880;
-  uint64_t bits;
-  __builtin_memcpy(&bits, &u, sizeof bits);
-  const int32_t exponent = static_cast<int32_t>(bits >> 52) - 1023;
-  const uint64_t mbits = (bits & 0x000fffffffffffffull) | 0x3ff0000000000000ull;
-  double m;
-  __builtin_memcpy(&m, &mbits, sizeof m);
-  const bool halve = m > kSqrt2;
-  m = halve ? m * 0.5 : m;
-  const double e = static_cast<double>(exponent) + (halve ? 1.0 : 0.0);
-  const double f = m - 1.0;
-  const double s = f / (2.0 + f);
-  const double z = s * s;
-  double series = 1.0 / 21.0;
-  series = series * z + 1.0 / 19.0;
-  series = series * z + 1.0 / 17.0;
-  series = series * z + 1.0 / 15.0;
-  series = series * z + 1.0 / 13.0;
-  series = series * z + 1.0 / 11.0;
-  series = series * z + 1.0 / 9.0;
-  series = series * z + 1.0 / 7.0;
-  series = series * z + 1.0 / 5.0;
-  series = series * z + 1.0 / 3.0;
-  return e * kLn2 + (f - s * (f - 2.0 * z * series));
-}
-
 }  // namespace gradience::curvature

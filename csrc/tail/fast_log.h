@@ -12,14 +12,10 @@
 
 namespace gradience::tail {
 
-inline double fast_log(double x) {
+// log of a normal double scaled = 2^e m, minus exponent_shift ln 2 (the caller's prescaling).
+inline double log_core(double scaled, int32_t exponent_shift) {
   constexpr double kLn2 = 0.69314718055994530942;
   constexpr double kSqrt2 = 1.41421356237309504880;
-  constexpr double kTwo54 = 18014398509481984.0;
-  constexpr double kMinNormal = 2.2250738585072014e-308;
-  // Subnormal doubles (only reachable from float64 input) are scaled into the normal range.
-  const bool subnormal = x < kMinNormal;
-  const double scaled = subnormal ? x * kTwo54 : x;
   uint64_t bits;
   std::memcpy(&bits, &scaled, sizeof bits);
   const int32_t biased = static_cast<int32_t>(bits >> 52);
@@ -28,7 +24,7 @@ inline double fast_log(double x) {
   std::memcpy(&m, &mantissa_bits, sizeof m);
   const bool halve = m > kSqrt2;
   m = halve ? m * 0.5 : m;
-  const int32_t exponent = biased - 1023 + (halve ? 1 : 0) - (subnormal ? 54 : 0);
+  const int32_t exponent = biased - 1023 + (halve ? 1 : 0) - exponent_shift;
   const double f = m - 1.0;
   const double s = f / (2.0 + f);
   const double z = s * s;
@@ -46,6 +42,14 @@ inline double fast_log(double x) {
   // exact f carries the leading term, so rounding only touches the small correction.
   const double log_m = f - s * (f - 2.0 * z * series);
   return static_cast<double>(exponent) * kLn2 + log_m;
+}
+
+inline double fast_log(double x) {
+  constexpr double kTwo54 = 18014398509481984.0;
+  constexpr double kMinNormal = 2.2250738585072014e-308;
+  // Subnormal doubles (only reachable from float64 input) are scaled into the normal range.
+  const bool subnormal = x < kMinNormal;
+  return log_core(subnormal ? x * kTwo54 : x, subnormal ? 54 : 0);
 }
 
 }  // namespace gradience::tail
