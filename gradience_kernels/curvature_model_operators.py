@@ -377,8 +377,9 @@ class HessianOperator(ModelOperator):
       traced ops), worth it for many products (falls back to plain jvp if tracing fails).
 
     ``method="auto"`` builds both at the first product and times them on fixed Gaussian
-    probes, for one vector and for a batch of 8 (a warm-up and a timed call each: 20
-    matvecs, counted in ``matvecs`` and in ``selection_matvecs``). It then uses the faster
+    probes, for one vector and for a batch of 8 (a warm-up of each path, the batch's on 2
+    vectors, then a timed call each: 24 matvecs, counted in ``matvecs`` and in
+    ``selection_matvecs``). It then uses the faster
     for single vectors (``single_method``: typically double backward, whose graph is cached)
     and the faster for batches (``method``), or, when a loop of the fastest single product
     beats both batched products per vector, batches by that loop (``batch_loop`` True: seen
@@ -482,12 +483,18 @@ class HessianOperator(ModelOperator):
         probes = [torch.randn(k, *s, generator=gen, dtype=self.dtype).to(self.device)
                   for s in self.shapes]
         one = [t[0] for t in probes]
+        warm = [t[:2] for t in probes]
         impl = {"double_backward": self._db, "forward_over_reverse": self._for}
         for name, fn in impl.items():
             if name in self.method_errors:
                 continue
             try:
-                fn(one, False)  # warm-up: first-call costs (allocator, lazy init) are no method's
+                # Warm-up of both paths: first-call costs (allocator, lazy init, vmap's batching
+                # rules) are no method's. Without the batched warm-up, forward-over-reverse's
+                # batch was timed with its first-call cost and lost to double backward on the
+                # bench MLP, although it ran 4.5 against 5.4 ms per vector there.
+                fn(one, False)
+                fn(warm, True)
                 t0 = time.perf_counter()
                 fn(one, False)
                 t1 = time.perf_counter()
@@ -496,7 +503,7 @@ class HessianOperator(ModelOperator):
             except Exception as err:  # noqa: BLE001  e.g. an op without forward-mode AD
                 self.method_errors[name] = err
                 continue
-            self.selection_matvecs += 2 + k
+            self.selection_matvecs += 4 + k
             self.single_method_timings[name] = t1 - t0
             self.method_timings[name] = (t2 - t1) / k
         self.matvecs += self.selection_matvecs
