@@ -530,7 +530,7 @@ def _fill_probes(probes: list[torch.Tensor], seed: int, first: int, gaussian: bo
 
 
 @_fill_probes.register_fake
-def _(probes, seed, first, gaussian, offset):
+def _fill_probes_fake(probes, seed, first, gaussian, offset):
     return None
 
 
@@ -577,7 +577,7 @@ def _probe_dots(y: list[torch.Tensor], members: list[int], sizes: list[int], see
 
 
 @_probe_dots.register_fake
-def _(y, members, sizes, seed, first, gaussian, offset):
+def _probe_dots_fake(y, members, sizes, seed, first, gaussian, offset):
     return y[0].new_empty((len(sizes), y[0].shape[0]), dtype=_acc_dtype(y[0].dtype))
 
 
@@ -607,7 +607,7 @@ def _block_dots_op(x: list[torch.Tensor], y: list[torch.Tensor], members: list[i
 
 
 @_block_dots_op.register_fake
-def _(x, y, members, sizes):
+def _block_dots_fake(x, y, members, sizes):
     return x[0].new_empty((len(sizes), x[0].shape[0]), dtype=_acc_dtype(x[0].dtype, y[0].dtype))
 
 
@@ -692,7 +692,7 @@ def _orthogonalize_op(w: list[torch.Tensor], basis: list[torch.Tensor], count: i
 
 
 @_orthogonalize_op.register_fake
-def _(w, basis, count, passes):
+def _orthogonalize_fake(w, basis, count, passes):
     return w[0].new_empty((count,), dtype=_acc_dtype(w[0].dtype))
 
 
@@ -729,26 +729,11 @@ def _(basis, count, coeffs, dtype):
     return [q.new_empty((coeffs.shape[1], *q.shape[1:]), dtype=dtype) for q in basis]
 
 
-# ------------------------------------------------------------------------------- C++ ops' fakes
-# The gradience:: CPU ops (schemas in csrc/registration.cpp): shapes and dtypes only.
-@torch.library.register_fake("gradience::fill_probes")
-def _(probes, seed, first, gaussian, offset):
-    return None
-
-
-@torch.library.register_fake("gradience::probe_dots")
-def _(y, members, sizes, seed, first, gaussian, offset):
-    return y[0].new_empty((len(sizes), y[0].shape[0]), dtype=_acc_dtype(y[0].dtype))
-
-
-@torch.library.register_fake("gradience::block_dots")
-def _(x, y, members, sizes):
-    return x[0].new_empty((len(sizes), x[0].shape[0]), dtype=_acc_dtype(x[0].dtype, y[0].dtype))
-
-
-@torch.library.register_fake("gradience::orthogonalize")
-def _(w, basis, count, passes):
-    return w[0].new_empty((count,), dtype=_acc_dtype(w[0].dtype))
+# The gradience:: CPU ops (schemas in csrc/registration.cpp) have the Triton ops' signatures and
+# output shapes: the same fake kernels serve both.
+for _name, _fake in [("fill_probes", _fill_probes_fake), ("probe_dots", _probe_dots_fake),
+                     ("block_dots", _block_dots_fake), ("orthogonalize", _orthogonalize_fake)]:
+    torch.library.register_fake(f"gradience::{_name}")(_fake)
 
 
 # ------------------------------------------------------------------------------- public API

@@ -118,17 +118,23 @@ void reduce_to_blocks(const std::vector<Item>& items, const std::vector<double>&
 }
 
 // ------------------------------------------------------------------ probe tiles
-// Probe values of entries e0 .. e0+n-1 (n <= kTile) of one key: float +-1 or float64 normal.
-void rademacher_tile(uint32_t key, uint64_t e0, int64_t n, float* z) {
-  uint32_t h[kTile];
+// Hashes of entries e0 .. e0+n-1 of one key into h, split where the high word of the entry
+// index changes (entry_hashes takes one high word).
+void hash_range(uint32_t key, uint64_t e0, int64_t n, uint32_t* h) {
   int64_t done = 0;
-  while (done < n) {  // split where the high word of the entry index changes
+  while (done < n) {
     const uint64_t e = e0 + static_cast<uint64_t>(done);
     const uint64_t room = (uint64_t{1} << 32) - (e & 0xFFFFFFFFull);
     const int64_t len = static_cast<int64_t>(std::min<uint64_t>(room, static_cast<uint64_t>(n - done)));
     entry_hashes(key, static_cast<uint32_t>(e >> 32), static_cast<uint32_t>(e), len, h + done);
     done += len;
   }
+}
+
+// Probe values of entries e0 .. e0+n-1 (n <= kTile) of one key: float +-1 or float64 normal.
+void rademacher_tile(uint32_t key, uint64_t e0, int64_t n, float* z) {
+  uint32_t h[kTile];
+  hash_range(key, e0, n, h);
   for (int64_t i = 0; i < n; ++i) z[i] = rademacher_of(h[i]);
 }
 
@@ -136,15 +142,7 @@ void rademacher_tile(uint32_t key, uint64_t e0, int64_t n, float* z) {
 // finite; z = sqrt(-2 log u1) cos(2 pi u2) (Box & Muller 1958).
 void gaussian_tile(uint32_t key, uint64_t e0, int64_t n, double* z) {
   uint32_t h[2 * kTile];
-  int64_t done = 0;
-  const int64_t m = 2 * n;
-  while (done < m) {
-    const uint64_t e = 2 * e0 + static_cast<uint64_t>(done);
-    const uint64_t room = (uint64_t{1} << 32) - (e & 0xFFFFFFFFull);
-    const int64_t len = static_cast<int64_t>(std::min<uint64_t>(room, static_cast<uint64_t>(m - done)));
-    entry_hashes(key, static_cast<uint32_t>(e >> 32), static_cast<uint32_t>(e), len, h + done);
-    done += len;
-  }
+  hash_range(key, 2 * e0, 2 * n, h);
   for (int64_t i = 0; i < n; ++i)
     // u >= 2^-33 is normal: log_core without fast_log's subnormal select, which keeps the loop
     // free of data-dependent control flow (vectorized).

@@ -10,8 +10,9 @@
 // fmix32 is MurmurHash3's 32-bit finalizer; counter-based generation as in Salmon et al. 2011
 // ("Parallel random numbers: as easy as 1, 2, 3").
 #pragma once
-#include <cmath>
 #include <cstdint>
+
+#include "common/half_float.h"
 
 namespace gradience::curvature {
 
@@ -40,12 +41,7 @@ inline void entry_hashes(uint32_t key, uint32_t hi, uint32_t lo0, int64_t n, uin
 }
 
 // Rademacher value of a hash: -1 when the top bit is set, else +1 (exact in every float format).
-inline float rademacher_of(uint32_t h) {
-  const uint32_t bits = 0x3F800000u | (h & 0x80000000u);
-  float f;
-  __builtin_memcpy(&f, &bits, sizeof f);
-  return f;
-}
+inline float rademacher_of(uint32_t h) { return bits_to_float(0x3F800000u | (h & 0x80000000u)); }
 
 // cos(2 pi u) for u in (0, 1), branch-free so that loops over it vectorize: the distance
 // a = min(u, 1 - u) to the nearest integer is exact (1 - u is exact for u >= 1/2, Sterbenz, and
