@@ -365,6 +365,25 @@ def test_orthogonalize_matches_float64_cgs(shapes, m_max, data, wdt, qdt, passes
         assert ((Qs @ got).abs() <= (Qs @ want).abs() + Qs.abs() @ err + 1e-300).all()
 
 
+@pytest.mark.parametrize("wdt,qdt", [(torch.float32, torch.float32),
+                                     (torch.float32, torch.bfloat16),
+                                     (torch.float64, torch.float64)])
+@pytest.mark.parametrize("count,passes", [(9, 1), (5, 2), (4, 1)])
+def test_cpp_orthogonalize_long_tensors_within_cgs_bounds(wdt, qdt, count, passes):
+    """Tensors longer than the C++ op's 32K-entry chunks (several items per tensor, split
+    across threads by entries) and counts off the 4-row groups (9 = 2 groups + 1 row)."""
+    shapes = [(70000,), (3, 50), (2, 20000)]
+    basis, _ = orthonormal_basis(shapes, 9, qdt, seed=11)
+    w0 = randn_batch(1, shapes, wdt, seed=12)
+    Qs = flat(basis)[:count]
+    want, err, coeffs_want, coeffs_err = cgs_reference(Qs, flat(w0)[0], passes, wdt)
+    w = [t[0].clone() for t in w0]
+    coeffs = ck.orthogonalize_(w, basis, count, passes=passes, backend="cpp")
+    got = flat([t[None] for t in w])[0]
+    assert ((got - want).abs() <= err + 1e-300).all()
+    assert ((coeffs.double() - coeffs_want).abs() <= coeffs_err + 1e-300).all()
+
+
 def test_orthogonalize_strided_vector_in_place():
     shapes = [(5, 4), (6,)]
     basis, Q = orthonormal_basis(shapes, 3, torch.float64, seed=1)

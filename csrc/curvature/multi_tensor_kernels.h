@@ -52,7 +52,8 @@ void block_dots(const Batch& x, const Batch& y, const Blocks& blocks, double* ou
 // (basis tensor t is [m_max, n_t]); each update pass computes the next pass's dots on the chunk
 // it has just written (one read of Q per pass, plus one for the first dots). total: float64
 // [count], the coefficients summed over the passes. Arithmetic of the update in float64 when w
-// or the basis is float64, else float32 (as BLAS on the torch path).
+// or the basis is float64, else float32 (as BLAS on the torch path); so are the dots within a
+// chunk of at most 32768 entries, whose partials are then added in float64.
 void orthogonalize(const Batch& w, const Batch& basis, int64_t count, int64_t passes,
                    double* total);
 
