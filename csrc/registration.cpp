@@ -67,4 +67,12 @@ TORCH_LIBRARY(gradience, m) {
   // w <- (I - Q Q^T)^passes w in place (classical Gram-Schmidt), Q = rows 0..count-1 of the
   // basis ([m_max, *shape_t] per tensor, any float dtype); returns Q^T w summed over passes.
   m.def("orthogonalize(Tensor(a!)[] w, Tensor[] basis, int count, int passes) -> Tensor");
+  // The reorthogonalization of one Lanczos product w in place: a pass against rows lo..count-1
+  // (the three-term recurrence's), a full pass against rows 0..count-1, a second full pass
+  // when the first removed more than 1 - ratio of the norm (Kahan); then, when out_row >= 0
+  // and ||w|| > min_norm, basis row out_row = w / ||w||. Returns (coefficients Q^T w summed
+  // over the passes, float64 [count]; ||w||^2 after, float64 0-d).
+  m.def(
+      "reorthogonalize(Tensor(a!)[] w, Tensor(b!)[] basis, int count, int lo, float ratio, "
+      "int out_row, float min_norm) -> (Tensor, Tensor)");
 }

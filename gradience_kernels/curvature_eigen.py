@@ -35,7 +35,8 @@ import torch
 
 from scipy.linalg import lapack
 
-from .curvature_kernels import _block_dots_run, _orthogonalize_run, combine, rademacher
+from .curvature_kernels import (_block_dots_run, _orthogonalize_run, _reorthogonalize_run,
+                                combine, rademacher)
 from .curvature_operators import CurvatureOperator
 
 __all__ = ["EigenResult", "StabilityMargin", "SpectralDensity", "lanczos", "power_iteration",
@@ -221,27 +222,20 @@ def _new_rows(op: CurvatureOperator, rows: int, dtype: torch.dtype,
 
 
 def _reorth_step(w: list[torch.Tensor], basis: Sequence[torch.Tensor], count: int,
-                 lo: int) -> tuple[np.ndarray, float]:
+                 lo: int, out_row: int | None = None,
+                 min_norm: float = 0.0) -> tuple[np.ndarray, float]:
     """Orthogonalize w (= A q) in place against basis rows 0..count-1; returns the coefficients
-    on rows lo..count-1 (summed over the passes: q_i^T A q) and ||w|| after.
+    on rows lo..count-1 (summed over the passes: q_i^T A q) and ||w|| after; with out_row, also
+    basis row out_row = w / ||w|| when ||w|| > min_norm (curvature_kernels.reorthogonalize_).
 
     First a pass against rows lo..count-1, which hold the large components (q_{j-1} and q_j of
     the three-term recurrence, or the previous and current blocks), then one full classical
     Gram-Schmidt pass against all rows, and a second full pass only when the first removed more
     than half of the norm (Kahan's test, "twice is enough"; Parlett 1998 sec. 6.9). Full
     reorthogonalization keeps Q orthonormal to working precision, so the Ritz values carry no
-    spurious copies (Parlett ch. 13). The norm before a pass is not computed: w - Q c is
-    orthogonal to Q c, so ||w_before||^2 = ||w_after||^2 + ||c||^2 (one P-sized norm per pass
-    instead of two)."""
-    local = _orthogonalize_run(w, [b[lo:] for b in basis], count - lo, 1).double().cpu()
-    c = _orthogonalize_run(w, basis, count, 1).double().cpu()
-    local += c[lo:]
-    after = _sq_norm(w)
-    if after < (_REORTH_RATIO ** 2) * (after + float(c @ c)):
-        c = _orthogonalize_run(w, basis, count, 1).double().cpu()
-        local += c[lo:]
-        after = _sq_norm(w)
-    return local.numpy(), math.sqrt(max(after, 0.0))
+    spurious copies (Parlett ch. 13)."""
+    total, after = _reorthogonalize_run(w, basis, count, lo, _REORTH_RATIO, out_row, min_norm)
+    return total[lo:].numpy(), math.sqrt(max(after, 0.0))
 
 
 def _owned(W: list[torch.Tensor], rows: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -530,12 +524,21 @@ class _Krylov:
         rows = self.basis.rows
         W = _owned(self.op.matmat(self.basis.get(lo, hi)), rows)
         self.steps += 1
+        # Single-vector steps write the next row in the reorthogonalization call itself (unless
+        # ||w|| is below the breakdown threshold so far; a row written for a residual that the
+        # updated threshold then deflates lies beyond count and is never read).
+        fused = hi - lo == 1 and self.count < self.limit
+        if fused:
+            self.ensure(self.count + 1)
+            rows = self.basis.rows
         H = self.H
         res = []
         norms = []
         for c in range(hi - lo):
             w = [t[c] for t in W]
-            coef, norm = _reorth_step(w, rows, hi, self.prev_lo)
+            coef, norm = _reorth_step(w, rows, hi, self.prev_lo,
+                                      out_row=self.count if fused else None,
+                                      min_norm=_BREAKDOWN_ULPS * self.eps * self.anorm)
             # ||A q||^2 = (coefficients on the local rows)^2 + ||residual||^2: the breakdown
             # scale (the components on older rows are at rounding level).
             self.anorm = max(self.anorm, math.sqrt(float(coef @ coef) + norm * norm))
@@ -565,7 +568,8 @@ class _Krylov:
             H = self.H
             rows = self.basis.rows
             row = [r[self.count] for r in rows]
-            _scale_into(row, w, 1.0 / norm)
+            if not fused:
+                _scale_into(row, w, 1.0 / norm)
             if self.lossy:
                 delta = [q.to(t.dtype) - t / norm for q, t in zip(row, w)]
                 self.colerr[j] = norm * math.sqrt(_sq_norm(delta))
@@ -860,7 +864,9 @@ def slq_density(op: CurvatureOperator, n_probes: int = 8, steps: int = 64,
         for a, l in enumerate(active):
             w = [t[a] for t in W]
             basis = [r[l] for r in rows]
-            coef, norm = _reorth_step(w, basis, j + 1, max(0, j - 1))
+            coef, norm = _reorth_step(w, basis, j + 1, max(0, j - 1),
+                                      out_row=j + 1 if j + 1 < m else None,
+                                      min_norm=_BREAKDOWN_ULPS * eps * anorm[l])
             alpha[l, j] = coef[-1]
             lengths[l] = j + 1
             anorm[l] = max(anorm[l], math.sqrt(float(coef @ coef) + norm * norm))
@@ -869,8 +875,7 @@ def slq_density(op: CurvatureOperator, n_probes: int = 8, steps: int = 64,
             if norm <= _BREAKDOWN_ULPS * eps * anorm[l]:
                 invariant[l] = True     # Krylov space invariant: the quadrature is exact
                 continue
-            beta[l, j] = norm
-            _scale_into([b[j + 1] for b in basis], w, 1.0 / norm)
+            beta[l, j] = norm  # row j + 1 = w / norm, written by _reorth_step
             still.append(l)
         active = still
     matvecs = op.matvecs - start

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 __all__ = ["rademacher", "gaussian", "rademacher_dots", "gaussian_dots", "block_gram",
-           "block_dots", "orthogonalize_", "combine", "use_backend"]
+           "block_dots", "orthogonalize_", "reorthogonalize_", "combine", "use_backend"]
 
 _MASK32 = 0xFFFFFFFF
 _U32 = np.uint32
@@ -736,6 +736,12 @@ for _name, _fake in [("fill_probes", _fill_probes_fake), ("probe_dots", _probe_d
     torch.library.register_fake(f"gradience::{_name}")(_fake)
 
 
+@torch.library.register_fake("gradience::reorthogonalize")
+def _reorthogonalize_fake(w, basis, count, lo, ratio, out_row, min_norm):
+    return (w[0].new_empty((count,), dtype=torch.float64),
+            w[0].new_empty((), dtype=torch.float64))
+
+
 # ------------------------------------------------------------------------------- public API
 def _probes(shapes, batch, seed, first, dtype, device, backend, gaussian, offset):
     sizes, batch, seed, first, offset = _check_probe_args(shapes, batch, seed, first, dtype,
@@ -878,6 +884,72 @@ def _orthogonalize_run(w, basis, count: int, passes: int,
         _cpp_device(w[0].device)
         return torch.ops.gradience.orthogonalize(list(w), list(basis), count, passes)
     return torch.ops.gradience_triton.orthogonalize(list(w), list(basis), count, passes)
+
+
+def reorthogonalize_(w: Sequence[torch.Tensor], basis: Sequence[torch.Tensor], count: int,
+                     lo: int, ratio: float = 0.5, out_row: int | None = None,
+                     min_norm: float = 0.0, backend: str | None = None) -> tuple[torch.Tensor,
+                                                                                 float]:
+    """The reorthogonalization of one Lanczos product w = A q_j in place against the basis
+    rows 0..count-1, in one call: a classical Gram-Schmidt pass against rows lo..count-1 (the
+    three-term recurrence's q_{j-1}, q_j, which hold w's large components), a full pass against
+    rows 0..count-1, and a second full pass only when the first left
+    ||w||^2 < ratio^2 (||w||^2 + ||c||^2), i.e. removed more than 1 - ratio of the norm
+    (Kahan's test, "twice is enough": Parlett 1998 sec. 6.9). Then, when out_row is given and
+    ||w|| > min_norm, basis row out_row = w / ||w|| (rounded to the basis' dtype).
+
+    Returns (coefficients Q^T w on rows 0..count-1 summed over the passes, float64 [count] on
+    the host; ||w||^2 after, a float). On CPU the C++ op fuses the local pass's update with the
+    full pass's dots and each full update with the norm: 3 sweeps over w where separate calls
+    take 5, and one call instead of 3 (the torch and Triton paths compose orthogonalize_)."""
+    count = _check_basis(w, basis, count)
+    lo = _index(lo, "lo")
+    if lo > count:
+        raise ValueError(f"lo: expected 0 <= lo <= count = {count}, got {lo}")
+    ratio = float(ratio)
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio: expected a value in [0, 1], got {ratio}")
+    m_max = basis[0].shape[0]
+    if out_row is not None:
+        out_row = _index(out_row, "out_row")
+        if not count <= out_row < m_max:
+            raise ValueError(f"out_row: expected a row in [count, m_max) = [{count}, {m_max}), "
+                             f"got {out_row}")
+    min_norm = float(min_norm)
+    if not min_norm >= 0.0:
+        raise ValueError(f"min_norm: expected a value >= 0, got {min_norm}")
+    return _reorthogonalize_run(w, basis, count, lo, ratio, out_row, min_norm, backend)
+
+
+def _reorthogonalize_run(w, basis, count: int, lo: int, ratio: float, out_row: int | None,
+                         min_norm: float, backend: str | None = None) -> tuple[torch.Tensor,
+                                                                               float]:
+    path = _pick(backend, w[0].device)
+    if path == "cpp":
+        _cpp_device(w[0].device)
+        total, norm2 = torch.ops.gradience.reorthogonalize(
+            list(w), list(basis), count, lo, ratio, -1 if out_row is None else out_row,
+            min_norm)
+        return total, float(norm2)
+    total = torch.zeros(count, dtype=torch.float64)
+    total[lo:] += _orthogonalize_run(w, [b[lo:] for b in basis], count - lo, 1,
+                                     backend).double().cpu()
+    wb = [t.unsqueeze(0) for t in w]
+    everything = [list(range(len(w)))]
+    for p in range(2):
+        c = _orthogonalize_run(w, basis, count, 1, backend).double().cpu()
+        total += c
+        after = float(_block_dots_run(wb, wb, everything, backend)[0, 0])
+        if p == 1 or after >= ratio * ratio * (after + float(c @ c)):
+            break
+    if out_row is not None and after > 0.0 and math.sqrt(after) > min_norm:
+        scale = 1.0 / math.sqrt(after)
+        for b, t in zip(basis, w):
+            if b.dtype == t.dtype:
+                torch.mul(t, scale, out=b[out_row])
+            else:
+                b[out_row].copy_(t * scale)  # rounded once to the basis' storage dtype
+    return total, after
 
 
 def combine(basis: Sequence[torch.Tensor], count: int, coeffs: torch.Tensor,

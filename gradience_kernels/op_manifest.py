@@ -136,6 +136,14 @@ MANIFEST: list[OpSample] = [
         devices=("cpu",),
     ),
     OpSample(
+        "reorthogonalize",
+        lambda d: ([t[0] for t in _batch(d, 1, [(6, 5), (9,)], seed=2)],
+                   _batch(d, 6, [(6, 5), (9,)], seed=3), 4, 2, 0.5, 4, 0.0),
+        "C++ Lanczos reorthogonalization of a float32 vector against 4 rows (local rows 2..3), "
+        "normalized into row 4 (in place)",
+        devices=("cpu",),
+    ),
+    OpSample(
         "fill_probes",
         lambda d: ([torch.empty(3, 4, 5, device=d), torch.empty(3, 7, device=d)], 7, 2, True, 0),
         "Triton Gaussian probes 2..4 of stream 7 into a float32 two-tensor batch",

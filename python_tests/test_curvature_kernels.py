@@ -384,6 +384,84 @@ def test_cpp_orthogonalize_long_tensors_within_cgs_bounds(wdt, qdt, count, passe
     assert ((coeffs.double() - coeffs_want).abs() <= coeffs_err + 1e-300).all()
 
 
+def _propagated(Q: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds of what an input error e becomes through one CGS pass v -> v - Q^T Q v: in the
+    output e + |Q|^T |Q| e, in the coefficients |Q| e."""
+    return e + Q.abs().T @ (Q.abs() @ e), Q.abs() @ e
+
+
+def reorth_reference(Q, w, lo, ratio, wdt):
+    """Float64 reference of reorthogonalize_ (local pass on rows lo.., full pass, a second full
+    pass by Kahan's test) with elementwise bounds composed from cgs_reference's: returns
+    (w after, bound, coefficients [count], bound, passes taken)."""
+    v, e, cl, dcl = cgs_reference(Q[lo:], w, 1, wdt)
+    total = torch.zeros(Q.shape[0], dtype=torch.float64)
+    total_err = torch.zeros_like(total)
+    total[lo:] += cl
+    total_err[lo:] += dcl
+    for p in range(2):
+        v2, e2, c, dc = cgs_reference(Q, v, 1, wdt)
+        pe, pc = _propagated(Q, e)
+        v, e = v2, e2 + pe
+        total += c
+        total_err += dc + pc
+        after = float(v @ v)
+        if p == 1 or after >= ratio * ratio * (after + float(c @ c)):
+            return v, e, total, total_err, p + 1
+
+
+@pytest.mark.parametrize("wdt", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["one full pass", "kahan second pass"])
+def test_reorthogonalize_matches_float64_reference(wdt, case):
+    """One call: local pass on rows lo.., full pass, Kahan's second pass (when w lies almost in
+    the span of the old rows), the norm after and the next row w / ||w||, on every backend and
+    tensors longer than the C++ op's chunks."""
+    shapes = [(40000,), (3, 50), (2, 9000)]
+    m_max, count, lo = 10, 7, 5
+    basis, Q = orthonormal_basis(shapes, m_max, wdt, seed=21)
+    Qs = flat(basis)[:count]
+    g = torch.Generator().manual_seed(22)
+    w64 = torch.randn(Qs.shape[1], generator=g, dtype=torch.float64)
+    if case == "kahan second pass":  # mostly along old rows 0..lo-1: the full pass removes it
+        w64 = 1e-5 * w64 + Qs[:lo].T @ torch.randn(lo, generator=g, dtype=torch.float64)
+    w0 = unflat(w64[None], shapes, wdt, CPU)
+    want, err, c_want, c_err, passes = reorth_reference(Qs, flat(w0)[0], lo, 0.5, wdt)
+    assert passes == (2 if case == "kahan second pass" else 1)
+    n2 = float(want @ want)
+    u = UNIT[acc_of(wdt)]
+    for backend, dev in [("torch", CPU), ("cpp", CPU), ("triton", TDEV)]:
+        w = [t[0].to(dev, copy=True) for t in w0]
+        B = [q.to(dev, copy=True) for q in basis]
+        coeffs, norm2 = ck.reorthogonalize_(w, B, count, lo, out_row=count, backend=backend)
+        got = flat([t[None] for t in w])[0]
+        assert ((got - want).abs() <= err + 1e-300).all(), backend
+        assert ((coeffs.double() - c_want).abs() <= c_err + 1e-300).all(), backend
+        # "Twice is enough": orthogonal to the basis to O(u) of what is left (one full pass
+        # leaves ~500 u ||w|| in float32, ~2300 u in float64 on the second case: measured).
+        assert float((Qs @ got).abs().max()) <= 8 * u * float(got.norm()), backend
+        en = float(err.norm())
+        assert abs(norm2 - n2) <= 2 * math.sqrt(n2) * en + en ** 2 + gamma(got.numel(), acc_of(
+            wdt)) * n2, backend
+        row = flat([q[count:count + 1] for q in B])[0]
+        rel = (2 * en + gamma(got.numel(), acc_of(wdt)) * math.sqrt(n2)) / math.sqrt(n2)
+        bound = err / math.sqrt(n2) + want.abs() / math.sqrt(n2) * rel + 2 * u * row.abs()
+        assert ((row - want / math.sqrt(n2)).abs() <= bound + 1e-300).all(), backend
+        # Rows other than out_row are read only.
+        assert torch.equal(flat([torch.cat([q[:count], q[count + 1:]]) for q in B]),
+                           flat([torch.cat([q[:count], q[count + 1:]]) for q in basis]))
+
+
+def test_reorthogonalize_writes_no_row_below_min_norm():
+    shapes = [(30,), (4, 5)]
+    basis, _ = orthonormal_basis(shapes, 4, torch.float64, seed=3)
+    for backend, dev in [("torch", CPU), ("cpp", CPU), ("triton", TDEV)]:
+        B = [q.to(dev, copy=True) for q in basis]
+        w = [t[0].to(dev) for t in randn_batch(1, shapes, torch.float64, seed=4)]
+        _, norm2 = ck.reorthogonalize_(w, B, 2, 1, out_row=3, min_norm=1e6, backend=backend)
+        assert 0 < norm2 < 1e12
+        assert all(torch.equal(q.cpu(), b) for q, b in zip(B, basis)), backend
+
+
 def test_orthogonalize_strided_vector_in_place():
     shapes = [(5, 4), (6,)]
     basis, Q = orthonormal_basis(shapes, 3, torch.float64, seed=1)
@@ -511,12 +589,14 @@ def test_cpp_ops_are_deterministic_whatever_the_thread_count():
             assert torch.equal(a, b)
 
 
-def _cpp_steps(Y, w, basis):
+def _cpp_steps(Y, w, basis, v, rows):
     d = ck.rademacher_dots(Y, [[0], [1]], 5, 2, backend="cpp")
     e = ck.block_dots(Y, Y, [[0, 1]], backend="cpp")
     c = ck.orthogonalize_(w, basis, 3, backend="cpp")  # in place, under functionalization
     z = ck.gaussian([(3, 5), (7,)], 2, 1, backend="cpp")
-    return d * 2, e, c, w[0] + 1, z[0]
+    # The op itself (reorthogonalize_ returns ||w||^2 as a host float): v and row 3 written.
+    r, n2 = torch.ops.gradience.reorthogonalize(v, rows, 3, 1, 0.5, 3, 0.0)
+    return d * 2, e, c, w[0] + 1, z[0], r, n2 * 2
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
@@ -527,11 +607,16 @@ def test_compile_fullgraph_cpp_ops(backend):
     basis = randn_batch(5, shapes, torch.float32, seed=2)
     w = [t[0] for t in randn_batch(1, shapes, torch.float32, seed=3)]
     w_e, w_c = [t.clone() for t in w], [t.clone() for t in w]
-    eager = _cpp_steps(Y, w_e, basis)
-    compiled = torch.compile(_cpp_steps, fullgraph=True, backend=backend)(Y, w_c, basis)
+    v_e, v_c = [t.clone() for t in w], [t.clone() for t in w]
+    rows_e, rows_c = [t.clone() for t in basis], [t.clone() for t in basis]
+    eager = _cpp_steps(Y, w_e, basis, v_e, rows_e)
+    compiled = torch.compile(_cpp_steps, fullgraph=True, backend=backend)(Y, w_c, basis, v_c,
+                                                                          rows_c)
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b)
-    assert all(torch.equal(a, b) for a, b in zip(w_e, w_c))  # the in-place update happened
+    # The in-place updates happened, the same in both.
+    assert all(torch.equal(a, b) for a, b in zip(w_e + v_e + rows_e, w_c + v_c + rows_c))
+    assert not torch.equal(rows_c[0][3], basis[0][3])
 
 
 # ----------------------------------------------------------------------------- compile
@@ -637,6 +722,16 @@ def _errors():
          r"basis: expected 2 tensors"),
         (lambda: ck.orthogonalize_([torch.randn(3)], [torch.randn(4, 3).half()], -1), ValueError,
          r"count: .*got -1"),
+        (lambda: ck.reorthogonalize_([torch.randn(3)], b, 2, 3), ValueError,
+         r"lo: expected 0 <= lo <= count = 2, got 3"),
+        (lambda: ck.reorthogonalize_([torch.randn(3)], b, 2, 1, ratio=1.5), ValueError,
+         r"ratio: .*\[0, 1\], got 1.5"),
+        (lambda: ck.reorthogonalize_([torch.randn(3)], b, 2, 1, out_row=1), ValueError,
+         r"out_row: expected a row in \[count, m_max\) = \[2, 4\), got 1"),
+        (lambda: ck.reorthogonalize_([torch.randn(3)], b, 2, 1, min_norm=-1.0), ValueError,
+         r"min_norm: expected a value >= 0, got -1.0"),
+        (lambda: ck.reorthogonalize_([torch.randn(3)], b, 5, 1), ValueError,
+         r"count: 5 exceeds the basis' m_max = 4"),
         (lambda: ck.combine(b, 3, torch.randn(2, 2)), ValueError,
          r"coeffs: expected 3 rows \(count\), got shape \[2, 2\]"),
         (lambda: ck.combine(b, 2, torch.randn(2)), ValueError, r"coeffs: expected a 2-D"),

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "curvature/multi_tensor_kernels.h"
@@ -198,9 +199,48 @@ at::Tensor orthogonalize_op(at::TensorList w, at::TensorList basis, int64_t coun
   return total.to(acc);
 }
 
+std::tuple<at::Tensor, at::Tensor> reorthogonalize_op(at::TensorList w, at::TensorList basis,
+                                                      int64_t count, int64_t lo, double ratio,
+                                                      int64_t out_row, double min_norm) {
+  check_list(w, "w", false);
+  check_list(basis, "basis", true);
+  const int64_t m_max = basis[0].size(0);
+  TORCH_CHECK_VALUE(count >= 0, "count: expected an int >= 0, got ", count);
+  TORCH_CHECK_VALUE(count <= m_max, "count: ", count, " exceeds the basis' m_max = ", m_max,
+                    " rows");
+  TORCH_CHECK_VALUE(lo >= 0 && lo <= count, "lo: expected 0 <= lo <= count = ", count, ", got ",
+                    lo);
+  TORCH_CHECK_VALUE(ratio >= 0.0 && ratio <= 1.0, "ratio: expected a value in [0, 1], got ",
+                    ratio);
+  TORCH_CHECK_VALUE(out_row == -1 || (out_row >= count && out_row < m_max),
+                    "out_row: expected -1 or a row in [count, m_max) = [", count, ", ", m_max,
+                    "), got ", out_row);
+  TORCH_CHECK_VALUE(min_norm >= 0.0, "min_norm: expected a value >= 0, got ", min_norm);
+  TORCH_CHECK_VALUE(basis.size() == w.size(), "basis: expected ", w.size(),
+                    " tensors (one per tensor of w), got ", basis.size());
+  for (size_t i = 0; i < w.size(); ++i)
+    TORCH_CHECK_VALUE(basis[i].sizes().slice(1) == w[i].sizes(), "basis[", i,
+                      "]: expected shape [m_max, ", w[i].sizes(), "] (as w[", i, "]), got ",
+                      basis[i].sizes());
+  at::Tensor total = at::zeros({count}, at::kDouble);
+  at::Tensor norm2 = at::zeros({}, at::kDouble);
+  if (total_numel(w, false) > 0) {
+    std::vector<at::Tensor> hw, hq;
+    std::vector<TensorRows> rw, rq;
+    const Batch wb = view_of(w, false, hw, rw, "w");
+    const Batch qb = view_of(basis, true, hq, rq, "basis");
+    reorthogonalize(wb, qb, count, lo, ratio, out_row, min_norm, total.data_ptr<double>(),
+                    norm2.data_ptr<double>());
+    write_back(w, hw);
+    if (out_row >= 0) write_back(basis, hq);
+  }
+  return {total, norm2};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gradience, CPU, m) {
+  m.impl("reorthogonalize", &reorthogonalize_op);
   m.impl("fill_probes", &fill_probes_op);
   m.impl("probe_dots", &probe_dots_op);
   m.impl("block_dots", &block_dots_op);

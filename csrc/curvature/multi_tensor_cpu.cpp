@@ -361,20 +361,97 @@ void chunk_update(const typename Elem<SQ>::T* q, int64_t row_stride, const doubl
   }
 }
 
-// One chunk of w: optionally its dots with rows 0..count-1 (dots_only), or the update
-// w -= Q^T c on it followed, when with_dots, by the next pass's dots on the updated values.
+// What one sweep over w does to each chunk, in this order: w -= sum over rows r in [u0, u1) of
+// cu[r - u0] q_r; the dots of the updated chunk with rows [d0, d1); its squared norm; and
+// basis row out_row = scale * w (rounded to the basis' storage type). A pass's update and the
+// next pass's dots share one sweep, so the chunk is read once for both.
+struct Sweep {
+  int64_t u0 = 0, u1 = 0;
+  const double* cu = nullptr;
+  int64_t d0 = 0, d1 = 0;
+  bool norm = false;
+  int64_t out_row = -1;
+  double scale = 1.0;
+};
+
 template <Storage SW, Storage SQ, typename Acc>
-void ortho_chunk(typename Elem<SW>::T* w, const typename Elem<SQ>::T* q, int64_t row_stride,
-                 int64_t len, int64_t count, const double* coeffs, bool update, bool with_dots,
-                 double* dots) {
+void sweep_chunk(typename Elem<SW>::T* w, typename Elem<SQ>::T* q, int64_t row_stride,
+                 int64_t len, const Sweep& sw, double* dots, double* norm2) {
   Acc buf[kOrthoChunk];
   for (int64_t i = 0; i < len; ++i) buf[i] = static_cast<Acc>(load<SW>(w, i));
-  if (update) {
-    chunk_update<SQ, Acc>(q, row_stride, coeffs, len, count, buf);
+  if (sw.u1 > sw.u0) {
+    chunk_update<SQ, Acc>(q + sw.u0 * row_stride, row_stride, sw.cu, len, sw.u1 - sw.u0, buf);
     for (int64_t i = 0; i < len; ++i) store<SW>(w, i, buf[i]);
   }
-  if (with_dots) chunk_dots<SQ, Acc>(q, row_stride, buf, len, count, dots);
+  if (sw.d1 > sw.d0)
+    chunk_dots<SQ, Acc>(q + sw.d0 * row_stride, row_stride, buf, len, sw.d1 - sw.d0, dots);
+  if (sw.norm)
+    *norm2 = dot_lanes([&](int64_t i) { return buf[i]; }, [&](int64_t i) { return buf[i]; }, len);
+  if (sw.out_row >= 0) {
+    auto* row = q + sw.out_row * row_stride;
+    const Acc scale = static_cast<Acc>(sw.scale);
+    for (int64_t i = 0; i < len; ++i) store<SQ>(row, i, buf[i] * scale);
+  }
 }
+
+// Walks w's items (threads split by entries) applying `sw` to every chunk; returns the dots
+// with rows [d0, d1) and the squared norm, each summed over items in item order.
+class Sweeper {
+ public:
+  Sweeper(const Batch& w, const Batch& basis, int64_t chunk)
+      : w_(w), basis_(basis), items_(make_items(w.tensors, w.n_tensors, chunk)),
+        step_(std::min(chunk, kOrthoChunk)),  // the buffer's size bounds a piece
+        f64_(w.type == Storage::kFloat64 || basis.type == Storage::kFloat64) {}
+
+  void run(const Sweep& sw, double* dots_out, double* norm2_out) {
+    const int64_t nd = sw.d1 - sw.d0;
+    const size_t n_items = items_.size();
+    std::vector<double> partial(n_items * std::max<int64_t>(nd, 0), 0.0), norms(n_items, 0.0);
+    dispatch(w_.type, [&]<Storage SW>() {
+      dispatch(basis_.type, [&]<Storage SQ>() {
+        using TW = typename Elem<SW>::T;
+        using TQ = typename Elem<SQ>::T;
+        parallel_items(items_, [&](int64_t lo, int64_t hi) {
+          std::vector<double> piece(std::max<int64_t>(nd, 0));
+          for (int64_t k = lo; k < hi; ++k) {
+            const Item& it = items_[k];
+            const int64_t n = w_.tensors[it.tensor].n;
+            TW* wt = static_cast<TW*>(w_.tensors[it.tensor].data);
+            TQ* qt = static_cast<TQ*>(basis_.tensors[it.tensor].data);
+            double* dots = partial.data() + k * nd;
+            for (int64_t s = it.start; s < it.stop; s += step_) {
+              const int64_t len = std::min(step_, it.stop - s);
+              double piece_norm = 0.0;
+              if (f64_)
+                sweep_chunk<SW, SQ, double>(wt + s, qt + s, n, len, sw, piece.data(), &piece_norm);
+              else
+                sweep_chunk<SW, SQ, float>(wt + s, qt + s, n, len, sw, piece.data(), &piece_norm);
+              for (int64_t r = 0; r < nd; ++r) dots[r] += piece[r];
+              norms[k] += piece_norm;
+            }
+          }
+        });
+      });
+    });
+    if (dots_out) {
+      for (int64_t r = 0; r < nd; ++r) dots_out[r] = 0.0;
+      for (size_t k = 0; k < n_items; ++k)
+        for (int64_t r = 0; r < nd; ++r) dots_out[r] += partial[k * nd + r];
+    }
+    if (norm2_out) {
+      double sum = 0.0;
+      for (size_t k = 0; k < n_items; ++k) sum += norms[k];
+      *norm2_out = sum;
+    }
+  }
+
+ private:
+  const Batch& w_;
+  const Batch& basis_;
+  std::vector<Item> items_;
+  int64_t step_;
+  bool f64_;
+};
 
 }  // namespace
 
@@ -382,58 +459,72 @@ void orthogonalize(const Batch& w, const Batch& basis, int64_t count, int64_t pa
                    double* total) {
   for (int64_t r = 0; r < count; ++r) total[r] = 0.0;
   if (count == 0 || passes <= 0) return;
-  // make_items grows the chunk past `chunk` only for huge vectors (kMaxItems); an item is then
-  // walked in pieces of at most kOrthoChunk entries (the buffer).
+  // With several passes, a chunk's count basis rows should stay in L2 between a pass's update
+  // and the next pass's dots (kOrthoCache bytes); the chunk depends on count and sizes only.
   const int64_t elem = basis.type == Storage::kFloat64 ? 8 : basis.type == Storage::kFloat32 ? 4 : 2;
   const int64_t chunk =
       passes == 1 ? kOrthoChunk
                   : std::clamp(kOrthoCache / (count * elem), kOrthoMinChunk, kOrthoChunk);
-  const auto items = make_items(w.tensors, w.n_tensors, chunk);
-  const int64_t step = std::min(chunk, kOrthoChunk);  // the buffer's size bounds a piece
-  const size_t n_items = items.size();
-  std::vector<double> partial(n_items * count, 0.0), coeffs(count, 0.0);
-  const bool f64 = w.type == Storage::kFloat64 || basis.type == Storage::kFloat64;
-  dispatch(w.type, [&]<Storage SW>() {
-    dispatch(basis.type, [&]<Storage SQ>() {
-      using TW = typename Elem<SW>::T;
-      using TQ = typename Elem<SQ>::T;
-      auto run = [&](bool update, bool with_dots) {
-        parallel_items(items, [&](int64_t lo, int64_t hi) {
-          std::vector<double> piece(count);
-          for (int64_t k = lo; k < hi; ++k) {
-            const Item& it = items[k];
-            const int64_t n = w.tensors[it.tensor].n;
-            TW* wt = static_cast<TW*>(w.tensors[it.tensor].data);
-            const TQ* qt = static_cast<const TQ*>(basis.tensors[it.tensor].data);
-            double* dots = partial.data() + k * count;
-            if (with_dots) std::fill(dots, dots + count, 0.0);
-            for (int64_t s = it.start; s < it.stop; s += step) {
-              const int64_t len = std::min(step, it.stop - s);
-              if (f64)
-                ortho_chunk<SW, SQ, double>(wt + s, qt + s, n, len, count, coeffs.data(), update,
-                                            with_dots, piece.data());
-              else
-                ortho_chunk<SW, SQ, float>(wt + s, qt + s, n, len, count, coeffs.data(), update,
-                                           with_dots, piece.data());
-              if (with_dots)
-                for (int64_t r = 0; r < count; ++r) dots[r] += piece[r];
-            }
-          }
-        });
-      };
-      auto sum_partials = [&] {
-        std::fill(coeffs.begin(), coeffs.end(), 0.0);
-        for (size_t k = 0; k < n_items; ++k)
-          for (int64_t r = 0; r < count; ++r) coeffs[r] += partial[k * count + r];
-      };
-      run(false, true);
-      for (int64_t p = 0; p < passes; ++p) {
-        sum_partials();
-        for (int64_t r = 0; r < count; ++r) total[r] += coeffs[r];
-        run(true, p + 1 < passes);
-      }
-    });
-  });
+  Sweeper sweeper(w, basis, chunk);
+  std::vector<double> coeffs(count), next(count);
+  Sweep dots;
+  dots.d1 = count;
+  sweeper.run(dots, coeffs.data(), nullptr);
+  for (int64_t p = 0; p < passes; ++p) {
+    for (int64_t r = 0; r < count; ++r) total[r] += coeffs[r];
+    Sweep pass;  // this pass's update, fused with the next pass's dots
+    pass.u1 = count;
+    pass.cu = coeffs.data();
+    if (p + 1 < passes) pass.d1 = count;
+    sweeper.run(pass, next.data(), nullptr);
+    coeffs.swap(next);
+  }
 }
+
+void reorthogonalize(const Batch& w, const Batch& basis, int64_t count, int64_t lo,
+                     double ratio, int64_t out_row, double min_norm, double* total,
+                     double* norm2) {
+  for (int64_t r = 0; r < count; ++r) total[r] = 0.0;
+  Sweeper sweeper(w, basis, kOrthoChunk);
+  std::vector<double> local(count - lo), c(count);
+  Sweep local_dots;
+  local_dots.d0 = lo;
+  local_dots.d1 = count;
+  sweeper.run(local_dots, local.data(), nullptr);
+  for (int64_t r = lo; r < count; ++r) total[r] += local[r - lo];
+  Sweep local_update;  // fused with the full pass's dots
+  local_update.u0 = lo;
+  local_update.u1 = count;
+  local_update.cu = local.data();
+  local_update.d1 = count;
+  sweeper.run(local_update, c.data(), nullptr);
+  double after = 0.0;
+  for (int pass = 0; pass < 2; ++pass) {
+    Sweep full;  // the full pass's update, fused with the norm after it
+    full.u1 = count;
+    full.cu = c.data();
+    full.norm = true;
+    sweeper.run(full, nullptr, &after);
+    double removed = 0.0;
+    for (int64_t r = 0; r < count; ++r) {
+      total[r] += c[r];
+      removed += c[r] * c[r];
+    }
+    // w - Q c is orthogonal to Q c, so ||w before||^2 = after + ||c||^2: a second full pass
+    // only when this one removed more than 1 - ratio of the norm (Kahan).
+    if (pass == 1 || after >= ratio * ratio * (after + removed)) break;
+    Sweep full_dots;
+    full_dots.d1 = count;
+    sweeper.run(full_dots, c.data(), nullptr);
+  }
+  *norm2 = after;
+  if (out_row >= 0 && after > 0.0 && std::sqrt(after) > min_norm) {
+    Sweep store;
+    store.out_row = out_row;
+    store.scale = 1.0 / std::sqrt(after);
+    sweeper.run(store, nullptr, nullptr);
+  }
+}
+
 
 }  // namespace gradience::curvature

@@ -57,4 +57,14 @@ void block_dots(const Batch& x, const Batch& y, const Blocks& blocks, double* ou
 void orthogonalize(const Batch& w, const Batch& basis, int64_t count, int64_t passes,
                    double* total);
 
+// One Lanczos product's reorthogonalization in place: CGS against rows lo..count-1, then against
+// rows 0..count-1, again when that pass left ||w||^2 < ratio^2 (||w||^2 + ||c||^2) (Kahan's
+// test), the local update fused with the full pass's dots and each full update with the norm;
+// then, when out_row >= 0 and ||w|| > min_norm, basis row out_row = w / ||w|| (the basis is
+// written there only). total: float64 [count], the coefficients summed over the passes;
+// norm2: ||w||^2 after.
+void reorthogonalize(const Batch& w, const Batch& basis, int64_t count, int64_t lo,
+                     double ratio, int64_t out_row, double min_norm, double* total,
+                     double* norm2);
+
 }  // namespace gradience::curvature
