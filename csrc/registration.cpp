@@ -64,6 +64,8 @@ TORCH_LIBRARY(gradience, m) {
       "int offset) -> Tensor");
   // D[j, r] = sum over block j's tensors of <x_t[r], y_t[r]>: [n_blocks, b].
   m.def("block_dots(Tensor[] x, Tensor[] y, int[] members, int[] sizes) -> Tensor");
+  // G[j] = sum over block j's tensors of x_t y_t^T: [n_blocks, a, c] (x [a, ...], y [c, ...]).
+  m.def("block_gram(Tensor[] x, Tensor[] y, int[] members, int[] sizes) -> Tensor");
   // w <- (I - Q Q^T)^passes w in place (classical Gram-Schmidt), Q = rows 0..count-1 of the
   // basis ([m_max, *shape_t] per tensor, any float dtype); returns Q^T w summed over passes.
   m.def("orthogonalize(Tensor(a!)[] w, Tensor[] basis, int count, int passes) -> Tensor");

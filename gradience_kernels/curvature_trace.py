@@ -689,7 +689,8 @@ def xtrace(op: CurvatureOperator, rtol: float | None = None, max_matvecs: int = 
         nrm2 = _small(block_dots(On, On, everything)[0])
         if probes == "sphere":
             f = (n / nrm2).sqrt().to(op.dtype).to(op.device)
-            On = [t * f.reshape(-1, *([1] * (t.dim() - 1))) for t in On]
+            for t in On:  # in place: the probes are this call's own (no P x b temporary)
+                t.mul_(f.reshape(-1, *([1] * (t.dim() - 1))))
             nrm2 = _small(block_dots(On, On, everything)[0])
         Yn = op.matmat(On)
         used += b

@@ -129,6 +129,14 @@ MANIFEST: list[OpSample] = [
         devices=("cpu",),
     ),
     OpSample(
+        "block_gram",
+        lambda d: (_batch(d, 5, [(6, 5), (9,), (3,)], torch.bfloat16),
+                   _batch(d, 3, [(6, 5), (9,), (3,)], seed=1), [0, 2, 1], [2, 1]),
+        "C++ per-block Gram of a bfloat16 batch (5 rows: a 4-row tile and one left) against "
+        "a float32 batch of 3 rows, two blocks",
+        devices=("cpu",),
+    ),
+    OpSample(
         "orthogonalize",
         lambda d: ([t[0] for t in _batch(d, 1, [(6, 5), (9,)], seed=2)],
                    _batch(d, 5, [(6, 5), (9,)], torch.bfloat16, seed=3), 4, 2),

@@ -384,6 +384,24 @@ def test_cpp_orthogonalize_long_tensors_within_cgs_bounds(wdt, qdt, count, passe
     assert ((coeffs.double() - coeffs_want).abs() <= coeffs_err + 1e-300).all()
 
 
+@pytest.mark.parametrize("xdt,ydt", [(torch.float32, torch.float32),
+                                     (torch.bfloat16, torch.float32),
+                                     (torch.float64, torch.float32)])
+def test_cpp_block_gram_long_tensors_within_bound(xdt, ydt):
+    """Tensors longer than the C++ op's 2048-entry pieces and 16K-entry items, 9 x 7 rows
+    (two 4-row tiles and one row left, three 2-row tiles and one left)."""
+    shapes = [(50000,), (3, 50), (2, 9000)]
+    blocks = [[0, 2], [1]]
+    X, Y = randn_batch(9, shapes, xdt, seed=31), randn_batch(7, shapes, ydt, seed=32)
+    acc = acc_of(xdt, ydt)
+    got = ck.block_gram(X, Y, blocks, backend="cpp")
+    assert got.dtype == acc and got.shape == (2, 9, 7)
+    for j, m in enumerate(blocks):
+        Xf, Yf = flat([X[i] for i in m]), flat([Y[i] for i in m])
+        bound = gamma(Xf.shape[1] + 1, acc) * (Xf.abs() @ Yf.abs().T)
+        assert ((got[j].double() - Xf @ Yf.T).abs() <= bound).all()
+
+
 def _propagated(Q: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Bounds of what an input error e becomes through one CGS pass v -> v - Q^T Q v: in the
     output e + |Q|^T |Q| e, in the coefficients |Q| e."""
@@ -578,6 +596,7 @@ def test_cpp_ops_are_deterministic_whatever_the_thread_count():
             torch.set_num_threads(n)
             w = [t[0].clone() for t in X]
             runs.append([ck.block_dots(X, Y, blocks, backend="cpp"),
+                         ck.block_gram(X, Y, blocks, backend="cpp"),
                          ck.rademacher_dots(Y, blocks, 4, offset=2**32 - 5000, backend="cpp"),
                          ck.gaussian_dots(Y, blocks, 4, backend="cpp"),
                          *ck.gaussian(shapes, 2, 3, backend="cpp"),

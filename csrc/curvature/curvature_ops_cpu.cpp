@@ -172,6 +172,24 @@ at::Tensor block_dots_op(at::TensorList x, at::TensorList y, at::IntArrayRef mem
   return out.to(acc);
 }
 
+at::Tensor block_gram_op(at::TensorList x, at::TensorList y, at::IntArrayRef members,
+                         at::IntArrayRef sizes) {
+  check_pair(x, y, false);
+  BlockArgs blocks = check_blocks(members, sizes, static_cast<int64_t>(x.size()));
+  const int64_t a = x[0].size(0), c = y[0].size(0);
+  const auto acc = acc_of(x[0].scalar_type(), y[0].scalar_type());
+  at::Tensor out = at::zeros({static_cast<int64_t>(sizes.size()), a, c}, at::kDouble);
+  if (a > 0 && c > 0 && total_numel(x, true) > 0) {
+    std::vector<at::Tensor> hx, hy;
+    std::vector<TensorRows> rx, ry;
+    const Batch xb = view_of(x, true, hx, rx, "x");
+    const Batch yb = view_of(y, true, hy, ry, "y");
+    block_gram(xb, yb, {blocks.members.data(), blocks.sizes.data(), out.size(0)},
+               out.data_ptr<double>());
+  }
+  return out.to(acc);
+}
+
 at::Tensor orthogonalize_op(at::TensorList w, at::TensorList basis, int64_t count,
                             int64_t passes) {
   check_list(w, "w", false);
@@ -244,6 +262,7 @@ TORCH_LIBRARY_IMPL(gradience, CPU, m) {
   m.impl("fill_probes", &fill_probes_op);
   m.impl("probe_dots", &probe_dots_op);
   m.impl("block_dots", &block_dots_op);
+  m.impl("block_gram", &block_gram_op);
   m.impl("orthogonalize", &orthogonalize_op);
 }
 

@@ -279,6 +279,116 @@ void block_dots(const Batch& x, const Batch& y, const Blocks& blocks, double* ou
   reduce_to_blocks(items, partial, x.n_tensors, rows, blocks, out);
 }
 
+// ------------------------------------------------------------------ block_gram
+namespace {
+
+constexpr int64_t kGramChunk = 16384;  // entries per work item
+constexpr int64_t kGramPiece = 2048;   // entries per sweep: 4 + 2 row pieces of 8 KB in L1/L2
+constexpr int kGramLanes = 8;
+
+// g[ia * C + ic] += <x_ia, y_ic> over len entries for X rows a0..a0+3 and Y rows c0, c0+1
+// (rows `stride` apart), Acc lanes (float32 unless an operand is float64, as BLAS sgemm).
+// A 4 x 2 tile: 8 accumulator vectors and 6 loads per 8 entries (fits 16 AVX2 registers);
+// the 8 arrays are spelled out so that the compiler keeps them in registers.
+template <Storage SX, Storage SY, typename Acc>
+void gram_tile(const typename Elem<SX>::T* x, const typename Elem<SY>::T* y, int64_t stride,
+               int64_t len, int64_t C, double* g) {
+  const auto* x0 = x;
+  const auto* x1 = x0 + stride;
+  const auto* x2 = x1 + stride;
+  const auto* x3 = x2 + stride;
+  const auto* y0 = y;
+  const auto* y1 = y0 + stride;
+  Acc a00[kGramLanes] = {}, a01[kGramLanes] = {}, a10[kGramLanes] = {}, a11[kGramLanes] = {},
+      a20[kGramLanes] = {}, a21[kGramLanes] = {}, a30[kGramLanes] = {}, a31[kGramLanes] = {};
+  const int64_t body = len - len % kGramLanes;
+  for (int64_t i = 0; i < body; i += kGramLanes)
+    for (int j = 0; j < kGramLanes; ++j) {
+      const Acc u0 = static_cast<Acc>(load<SX>(x0, i + j)), u1 = static_cast<Acc>(load<SX>(x1, i + j)),
+                u2 = static_cast<Acc>(load<SX>(x2, i + j)), u3 = static_cast<Acc>(load<SX>(x3, i + j));
+      const Acc v0 = static_cast<Acc>(load<SY>(y0, i + j)), v1 = static_cast<Acc>(load<SY>(y1, i + j));
+      a00[j] += u0 * v0;
+      a01[j] += u0 * v1;
+      a10[j] += u1 * v0;
+      a11[j] += u1 * v1;
+      a20[j] += u2 * v0;
+      a21[j] += u2 * v1;
+      a30[j] += u3 * v0;
+      a31[j] += u3 * v1;
+    }
+  Acc* acc[4][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
+  const typename Elem<SX>::T* xs[4] = {x0, x1, x2, x3};
+  const typename Elem<SY>::T* ys[2] = {y0, y1};
+  for (int ia = 0; ia < 4; ++ia)
+    for (int ic = 0; ic < 2; ++ic) {
+      double sum = 0.0;
+      for (int j = 0; j < kGramLanes; ++j) sum += static_cast<double>(acc[ia][ic][j]);
+      for (int64_t i = body; i < len; ++i)
+        sum += static_cast<double>(load<SX>(xs[ia], i)) * static_cast<double>(load<SY>(ys[ic], i));
+      g[ia * C + ic] += sum;
+    }
+}
+
+// One row pair off the 4 x 2 tiles.
+template <Storage SX, Storage SY, typename Acc>
+double gram_dot(const typename Elem<SX>::T* x, const typename Elem<SY>::T* y, int64_t len) {
+  Acc a[kGramLanes] = {};
+  const int64_t body = len - len % kGramLanes;
+  for (int64_t i = 0; i < body; i += kGramLanes)
+    for (int j = 0; j < kGramLanes; ++j)
+      a[j] += static_cast<Acc>(load<SX>(x, i + j)) * static_cast<Acc>(load<SY>(y, i + j));
+  double sum = 0.0;
+  for (int j = 0; j < kGramLanes; ++j) sum += static_cast<double>(a[j]);
+  for (int64_t i = body; i < len; ++i)
+    sum += static_cast<double>(load<SX>(x, i)) * static_cast<double>(load<SY>(y, i));
+  return sum;
+}
+
+// g [A][C] += the Gram products of one piece of X and Y rows.
+template <Storage SX, Storage SY, typename Acc>
+void gram_piece(const typename Elem<SX>::T* x, const typename Elem<SY>::T* y, int64_t stride,
+                int64_t len, int64_t A, int64_t C, double* g) {
+  const int64_t A4 = A - A % 4, C2 = C - C % 2;
+  for (int64_t a = 0; a < A4; a += 4)
+    for (int64_t c = 0; c < C2; c += 2)
+      gram_tile<SX, SY, Acc>(x + a * stride, y + c * stride, stride, len, C, g + a * C + c);
+  for (int64_t a = 0; a < A; ++a)
+    for (int64_t c = (a < A4 ? C2 : 0); c < C; ++c)
+      g[a * C + c] += gram_dot<SX, SY, Acc>(x + a * stride, y + c * stride, len);
+}
+
+}  // namespace
+
+void block_gram(const Batch& x, const Batch& y, const Blocks& blocks, double* out) {
+  const auto items = make_items(x.tensors, x.n_tensors, kGramChunk);
+  const int64_t A = x.rows, C = y.rows;
+  std::vector<double> partial(items.size() * A * C, 0.0);
+  const bool f64 = x.type == Storage::kFloat64 || y.type == Storage::kFloat64;
+  dispatch(x.type, [&]<Storage SX>() {
+    dispatch(y.type, [&]<Storage SY>() {
+      using TX = typename Elem<SX>::T;
+      using TY = typename Elem<SY>::T;
+      parallel_items(items, [&](int64_t lo, int64_t hi) {
+        for (int64_t k = lo; k < hi; ++k) {
+          const Item& it = items[k];
+          const int64_t n = x.tensors[it.tensor].n;
+          const TX* xt = static_cast<const TX*>(x.tensors[it.tensor].data);
+          const TY* yt = static_cast<const TY*>(y.tensors[it.tensor].data);
+          double* g = partial.data() + k * A * C;
+          for (int64_t s = it.start; s < it.stop; s += kGramPiece) {
+            const int64_t len = std::min(kGramPiece, it.stop - s);
+            if (f64)
+              gram_piece<SX, SY, double>(xt + s, yt + s, n, len, A, C, g);
+            else
+              gram_piece<SX, SY, float>(xt + s, yt + s, n, len, A, C, g);
+          }
+        }
+      });
+    });
+  });
+  reduce_to_blocks(items, partial, x.n_tensors, A * C, blocks, out);
+}
+
 // ------------------------------------------------------------------ orthogonalize
 namespace {
 

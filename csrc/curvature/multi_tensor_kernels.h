@@ -48,6 +48,11 @@ void probe_dots(const Batch& y, const Blocks& blocks, uint32_t seed, int64_t fir
 // D[j][r] = sum over block j's tensors of <x_t[r], y_t[r]>. out: float64 [n_blocks][rows].
 void block_dots(const Batch& x, const Batch& y, const Blocks& blocks, double* out);
 
+// G[j][a][c] = sum over block j's tensors of <x_t[a], y_t[c]> for x of A rows and y of C rows
+// (same per-tensor sizes). out: float64 [n_blocks][A][C]. Within a piece of 2048 entries the
+// sums run in float32 unless x or y is float64 (as BLAS sgemm); pieces add in float64.
+void block_gram(const Batch& x, const Batch& y, const Blocks& blocks, double* out);
+
 // w <- (I - Q Q^T)^passes w in place (classical Gram-Schmidt), Q = rows 0..count-1 of the basis
 // (basis tensor t is [m_max, n_t]); each update pass computes the next pass's dots on the chunk
 // it has just written (one read of Q per pass, plus one for the first dots). total: float64
