@@ -283,30 +283,34 @@ void block_dots(const Batch& x, const Batch& y, const Blocks& blocks, double* ou
 namespace {
 
 constexpr int64_t kGramChunk = 16384;  // entries per work item
-constexpr int64_t kGramPiece = 2048;   // entries per sweep: 4 + 2 row pieces of 8 KB in L1/L2
+constexpr int64_t kGramPiece = 2048;   // entries per sweep: 4 + 4 row pieces of 8 KB in L2
 constexpr int kGramLanes = 8;
 
-// g[ia * C + ic] += <x_ia, y_ic> over len entries for X rows a0..a0+3 and Y rows c0, c0+1
-// (rows `stride` apart), Acc lanes (float32 unless an operand is float64, as BLAS sgemm).
-// A 4 x 2 tile: 8 accumulator vectors and 6 loads per 8 entries (fits 16 AVX2 registers);
-// the 8 arrays are spelled out so that the compiler keeps them in registers.
-template <Storage SX, Storage SY, typename Acc>
+// g[ia * C + ic] += <x_ia, y_ic> over len entries for X rows a0..a0+3 and Y rows c0..c0+CT-1
+// (CT = 4 or 2; rows `stride` apart), Acc lanes (float32 unless an operand is float64, as BLAS
+// sgemm). A 4 x 4 tile: 16 accumulator vectors and 8 loads per 8 entries (2 FMAs per load;
+// 4 x 2 measured 1.13x slower than sgemm at 32 x 16 rows, compute-bound); the accumulators are
+// spelled out so that the compiler keeps them in registers.
+template <Storage SX, Storage SY, typename Acc, int CT>
 void gram_tile(const typename Elem<SX>::T* x, const typename Elem<SY>::T* y, int64_t stride,
                int64_t len, int64_t C, double* g) {
-  const auto* x0 = x;
-  const auto* x1 = x0 + stride;
-  const auto* x2 = x1 + stride;
-  const auto* x3 = x2 + stride;
-  const auto* y0 = y;
-  const auto* y1 = y0 + stride;
-  Acc a00[kGramLanes] = {}, a01[kGramLanes] = {}, a10[kGramLanes] = {}, a11[kGramLanes] = {},
-      a20[kGramLanes] = {}, a21[kGramLanes] = {}, a30[kGramLanes] = {}, a31[kGramLanes] = {};
+  static_assert(CT == 2 || CT == 4);
+  const typename Elem<SX>::T* xs[4] = {x, x + stride, x + 2 * stride, x + 3 * stride};
+  const typename Elem<SY>::T* ys[4] = {y, y + stride, y + (CT > 2 ? 2 : 0) * stride,
+                                       y + (CT > 2 ? 3 : 1) * stride};
+  Acc a00[kGramLanes] = {}, a01[kGramLanes] = {}, a02[kGramLanes] = {}, a03[kGramLanes] = {},
+      a10[kGramLanes] = {}, a11[kGramLanes] = {}, a12[kGramLanes] = {}, a13[kGramLanes] = {},
+      a20[kGramLanes] = {}, a21[kGramLanes] = {}, a22[kGramLanes] = {}, a23[kGramLanes] = {},
+      a30[kGramLanes] = {}, a31[kGramLanes] = {}, a32[kGramLanes] = {}, a33[kGramLanes] = {};
   const int64_t body = len - len % kGramLanes;
   for (int64_t i = 0; i < body; i += kGramLanes)
     for (int j = 0; j < kGramLanes; ++j) {
-      const Acc u0 = static_cast<Acc>(load<SX>(x0, i + j)), u1 = static_cast<Acc>(load<SX>(x1, i + j)),
-                u2 = static_cast<Acc>(load<SX>(x2, i + j)), u3 = static_cast<Acc>(load<SX>(x3, i + j));
-      const Acc v0 = static_cast<Acc>(load<SY>(y0, i + j)), v1 = static_cast<Acc>(load<SY>(y1, i + j));
+      const Acc u0 = static_cast<Acc>(load<SX>(xs[0], i + j)),
+                u1 = static_cast<Acc>(load<SX>(xs[1], i + j)),
+                u2 = static_cast<Acc>(load<SX>(xs[2], i + j)),
+                u3 = static_cast<Acc>(load<SX>(xs[3], i + j));
+      const Acc v0 = static_cast<Acc>(load<SY>(ys[0], i + j)),
+                v1 = static_cast<Acc>(load<SY>(ys[1], i + j));
       a00[j] += u0 * v0;
       a01[j] += u0 * v1;
       a10[j] += u1 * v0;
@@ -315,12 +319,23 @@ void gram_tile(const typename Elem<SX>::T* x, const typename Elem<SY>::T* y, int
       a21[j] += u2 * v1;
       a30[j] += u3 * v0;
       a31[j] += u3 * v1;
+      if constexpr (CT == 4) {
+        const Acc v2 = static_cast<Acc>(load<SY>(ys[2], i + j)),
+                  v3 = static_cast<Acc>(load<SY>(ys[3], i + j));
+        a02[j] += u0 * v2;
+        a03[j] += u0 * v3;
+        a12[j] += u1 * v2;
+        a13[j] += u1 * v3;
+        a22[j] += u2 * v2;
+        a23[j] += u2 * v3;
+        a32[j] += u3 * v2;
+        a33[j] += u3 * v3;
+      }
     }
-  Acc* acc[4][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
-  const typename Elem<SX>::T* xs[4] = {x0, x1, x2, x3};
-  const typename Elem<SY>::T* ys[2] = {y0, y1};
+  Acc* acc[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23},
+                    {a30, a31, a32, a33}};
   for (int ia = 0; ia < 4; ++ia)
-    for (int ic = 0; ic < 2; ++ic) {
+    for (int ic = 0; ic < CT; ++ic) {
       double sum = 0.0;
       for (int j = 0; j < kGramLanes; ++j) sum += static_cast<double>(acc[ia][ic][j]);
       for (int64_t i = body; i < len; ++i)
@@ -329,7 +344,7 @@ void gram_tile(const typename Elem<SX>::T* x, const typename Elem<SY>::T* y, int
     }
 }
 
-// One row pair off the 4 x 2 tiles.
+// One row pair off the tiles.
 template <Storage SX, Storage SY, typename Acc>
 double gram_dot(const typename Elem<SX>::T* x, const typename Elem<SY>::T* y, int64_t len) {
   Acc a[kGramLanes] = {};
@@ -348,10 +363,13 @@ double gram_dot(const typename Elem<SX>::T* x, const typename Elem<SY>::T* y, in
 template <Storage SX, Storage SY, typename Acc>
 void gram_piece(const typename Elem<SX>::T* x, const typename Elem<SY>::T* y, int64_t stride,
                 int64_t len, int64_t A, int64_t C, double* g) {
-  const int64_t A4 = A - A % 4, C2 = C - C % 2;
-  for (int64_t a = 0; a < A4; a += 4)
-    for (int64_t c = 0; c < C2; c += 2)
-      gram_tile<SX, SY, Acc>(x + a * stride, y + c * stride, stride, len, C, g + a * C + c);
+  const int64_t A4 = A - A % 4, C4 = C - C % 4, C2 = C - C % 2;
+  for (int64_t a = 0; a < A4; a += 4) {
+    for (int64_t c = 0; c < C4; c += 4)
+      gram_tile<SX, SY, Acc, 4>(x + a * stride, y + c * stride, stride, len, C, g + a * C + c);
+    if (C2 > C4)
+      gram_tile<SX, SY, Acc, 2>(x + a * stride, y + C4 * stride, stride, len, C, g + a * C + C4);
+  }
   for (int64_t a = 0; a < A; ++a)
     for (int64_t c = (a < A4 ? C2 : 0); c < C; ++c)
       g[a * C + c] += gram_dot<SX, SY, Acc>(x + a * stride, y + c * stride, len);
