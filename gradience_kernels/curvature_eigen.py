@@ -3,8 +3,10 @@ PyHessian-style), the gradient-descent stability margin, and stochastic Lanczos 
 for the spectral density.
 
 Every P-sized step outside the operator's matvecs goes through curvature_kernels
-(``orthogonalize_``, ``block_dots``, ``combine``, ``rademacher``), over the operator's list of
-parameter-shaped tensors: nothing is flattened into one P-vector. The small dense algebra
+(``reorthogonalize_``: one call per Lanczos product; ``orthogonalize_``, ``block_dots``,
+``combine``, ``rademacher``), over the operator's list of parameter-shaped tensors: nothing is
+flattened into one P-vector. The inner loops call the kernels' unchecked entry points (the
+lists are the operator's products and the basis allocated here with its shapes). The small dense algebra
 (tridiagonal / banded projections of size m x m, m = number of Lanczos steps) runs in float64
 with NumPy on the host.
 

@@ -9,6 +9,8 @@ These are the only places where estimators touch P-sized data outside the matvec
 - ``block_gram`` / ``block_dots``: per-block inner products X_b^T Y_b of two batches;
 - ``orthogonalize_``: classical Gram-Schmidt, twice (CGS2), of a vector against a basis stored
   tensor by tensor (possibly in a lower precision);
+- ``reorthogonalize_``: a Lanczos product's whole reorthogonalization (local pass, full pass,
+  Kahan's second pass, norm, next basis row) in one call;
 - ``combine``: basis^T coefficients (Ritz vectors).
 
 Backends (argument ``backend``, default ``"auto"``, or ``use_backend`` for a whole block of
