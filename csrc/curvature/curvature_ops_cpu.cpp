@@ -154,40 +154,46 @@ at::Tensor probe_dots_op(at::TensorList y, at::IntArrayRef members, at::IntArray
   return out.to(acc);
 }
 
-at::Tensor block_dots_op(at::TensorList x, at::TensorList y, at::IntArrayRef members,
-                         at::IntArrayRef sizes) {
-  check_pair(x, y, true);
+// The glue of block_dots and block_gram: checks, contiguous views, kernel(x, y, blocks, out)
+// into a float64 [n_blocks, *shape] result (zeros when x or y has no rows or no entries),
+// cast to the accumulation dtype.
+template <typename Kernel>
+at::Tensor block_pair_op(at::TensorList x, at::TensorList y, at::IntArrayRef members,
+                         at::IntArrayRef sizes, bool same_batch, std::vector<int64_t> shape,
+                         Kernel kernel) {
+  check_pair(x, y, same_batch);
   BlockArgs blocks = check_blocks(members, sizes, static_cast<int64_t>(x.size()));
-  const int64_t b = x[0].size(0);
   const auto acc = acc_of(x[0].scalar_type(), y[0].scalar_type());
-  at::Tensor out = at::zeros({static_cast<int64_t>(sizes.size()), b}, at::kDouble);
-  if (b > 0 && total_numel(x, true) > 0) {
+  const int64_t n_blocks = static_cast<int64_t>(sizes.size());
+  shape.insert(shape.begin(), n_blocks);
+  at::Tensor out = at::zeros(shape, at::kDouble);
+  if (x[0].size(0) > 0 && y[0].size(0) > 0 && total_numel(x, true) > 0) {
     std::vector<at::Tensor> hx, hy;
     std::vector<TensorRows> rx, ry;
     const Batch xb = view_of(x, true, hx, rx, "x");
     const Batch yb = view_of(y, true, hy, ry, "y");
-    block_dots(xb, yb, {blocks.members.data(), blocks.sizes.data(), out.size(0)},
-               out.data_ptr<double>());
+    kernel(xb, yb, Blocks{blocks.members.data(), blocks.sizes.data(), n_blocks},
+           out.data_ptr<double>());
   }
   return out.to(acc);
 }
 
+at::Tensor block_dots_op(at::TensorList x, at::TensorList y, at::IntArrayRef members,
+                         at::IntArrayRef sizes) {
+  return block_pair_op(x, y, members, sizes, true, {x.empty() ? 0 : x[0].size(0)},
+                       [](const Batch& xb, const Batch& yb, const Blocks& bl, double* out) {
+                         block_dots(xb, yb, bl, out);
+                       });
+}
+
 at::Tensor block_gram_op(at::TensorList x, at::TensorList y, at::IntArrayRef members,
                          at::IntArrayRef sizes) {
-  check_pair(x, y, false);
-  BlockArgs blocks = check_blocks(members, sizes, static_cast<int64_t>(x.size()));
-  const int64_t a = x[0].size(0), c = y[0].size(0);
-  const auto acc = acc_of(x[0].scalar_type(), y[0].scalar_type());
-  at::Tensor out = at::zeros({static_cast<int64_t>(sizes.size()), a, c}, at::kDouble);
-  if (a > 0 && c > 0 && total_numel(x, true) > 0) {
-    std::vector<at::Tensor> hx, hy;
-    std::vector<TensorRows> rx, ry;
-    const Batch xb = view_of(x, true, hx, rx, "x");
-    const Batch yb = view_of(y, true, hy, ry, "y");
-    block_gram(xb, yb, {blocks.members.data(), blocks.sizes.data(), out.size(0)},
-               out.data_ptr<double>());
-  }
-  return out.to(acc);
+  return block_pair_op(
+      x, y, members, sizes, false,
+      {x.empty() ? 0 : x[0].size(0), y.empty() ? 0 : y[0].size(0)},
+      [](const Batch& xb, const Batch& yb, const Blocks& bl, double* out) {
+        block_gram(xb, yb, bl, out);
+      });
 }
 
 at::Tensor orthogonalize_op(at::TensorList w, at::TensorList basis, int64_t count,
