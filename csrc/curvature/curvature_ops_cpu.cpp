@@ -196,12 +196,11 @@ at::Tensor block_gram_op(at::TensorList x, at::TensorList y, at::IntArrayRef mem
       });
 }
 
-at::Tensor orthogonalize_op(at::TensorList w, at::TensorList basis, int64_t count,
-                            int64_t passes) {
+// w a vector list, basis a batch of rows of the same shapes, count <= the basis' rows.
+void check_vector_and_basis(at::TensorList w, at::TensorList basis, int64_t count) {
   check_list(w, "w", false);
   check_list(basis, "basis", true);
   TORCH_CHECK_VALUE(count >= 0, "count: expected an int >= 0, got ", count);
-  TORCH_CHECK_VALUE(passes >= 1, "passes: expected an int >= 1, got ", passes);
   TORCH_CHECK_VALUE(count <= basis[0].size(0), "count: ", count, " exceeds the basis' m_max = ",
                     basis[0].size(0), " rows");
   TORCH_CHECK_VALUE(basis.size() == w.size(), "basis: expected ", w.size(),
@@ -210,6 +209,12 @@ at::Tensor orthogonalize_op(at::TensorList w, at::TensorList basis, int64_t coun
     TORCH_CHECK_VALUE(basis[i].sizes().slice(1) == w[i].sizes(), "basis[", i,
                       "]: expected shape [m_max, ", w[i].sizes(), "] (as w[", i, "]), got ",
                       basis[i].sizes());
+}
+
+at::Tensor orthogonalize_op(at::TensorList w, at::TensorList basis, int64_t count,
+                            int64_t passes) {
+  check_vector_and_basis(w, basis, count);
+  TORCH_CHECK_VALUE(passes >= 1, "passes: expected an int >= 1, got ", passes);
   const auto acc = acc_of(w[0].scalar_type(), w[0].scalar_type());
   at::Tensor total = at::zeros({count}, at::kDouble);
   if (count > 0 && total_numel(w, false) > 0) {
@@ -226,12 +231,8 @@ at::Tensor orthogonalize_op(at::TensorList w, at::TensorList basis, int64_t coun
 std::tuple<at::Tensor, at::Tensor> reorthogonalize_op(at::TensorList w, at::TensorList basis,
                                                       int64_t count, int64_t lo, double ratio,
                                                       int64_t out_row, double min_norm) {
-  check_list(w, "w", false);
-  check_list(basis, "basis", true);
+  check_vector_and_basis(w, basis, count);
   const int64_t m_max = basis[0].size(0);
-  TORCH_CHECK_VALUE(count >= 0, "count: expected an int >= 0, got ", count);
-  TORCH_CHECK_VALUE(count <= m_max, "count: ", count, " exceeds the basis' m_max = ", m_max,
-                    " rows");
   TORCH_CHECK_VALUE(lo >= 0 && lo <= count, "lo: expected 0 <= lo <= count = ", count, ", got ",
                     lo);
   TORCH_CHECK_VALUE(ratio >= 0.0 && ratio <= 1.0, "ratio: expected a value in [0, 1], got ",
@@ -240,12 +241,6 @@ std::tuple<at::Tensor, at::Tensor> reorthogonalize_op(at::TensorList w, at::Tens
                     "out_row: expected -1 or a row in [count, m_max) = [", count, ", ", m_max,
                     "), got ", out_row);
   TORCH_CHECK_VALUE(min_norm >= 0.0, "min_norm: expected a value >= 0, got ", min_norm);
-  TORCH_CHECK_VALUE(basis.size() == w.size(), "basis: expected ", w.size(),
-                    " tensors (one per tensor of w), got ", basis.size());
-  for (size_t i = 0; i < w.size(); ++i)
-    TORCH_CHECK_VALUE(basis[i].sizes().slice(1) == w[i].sizes(), "basis[", i,
-                      "]: expected shape [m_max, ", w[i].sizes(), "] (as w[", i, "]), got ",
-                      basis[i].sizes());
   at::Tensor total = at::zeros({count}, at::kDouble);
   at::Tensor norm2 = at::zeros({}, at::kDouble);
   if (total_numel(w, false) > 0) {
