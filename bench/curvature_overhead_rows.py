@@ -2,8 +2,8 @@
 bench/bench_curvature.py).
 
 For each model and estimator (Hutchinson, Hutch++, XTrace on the GGN at a fixed matvec
-budget; on the Hessian Lanczos top-5 and stochastic Lanczos quadrature), the estimator's wall
-time against
+budget; on the Hessian Lanczos top-5 and stochastic Lanczos quadrature, each with full and with
+partial reorthogonalization), the estimator's wall time against
 the time of the products it asked for, measured two ways:
 - ``overhead_pct``: wall / (sum over its products of the median time of one ``op.matmat`` at
   that product's batch size, measured separately right after each run) - 1. This is the
@@ -39,12 +39,16 @@ def estimators(budget: int, quick: bool):
     out = [(f"{name} (budget {budget})", "ggn",
             lambda op, fn=getattr(ct, name): fn(op, max_matvecs=budget, seed=0))
            for name in ("hutchinson", "hutchpp", "xtrace")]
-    out += [
-        ("lanczos top-5", "hessian", lambda op: ce.lanczos(op, k=5, seed=0)),
-        ("slq_density (2 x 16)" if quick else "slq_density (4 probes x 32 steps)",
-         "hessian", lambda op: ce.slq_density(op, n_probes=2 if quick else 4,
-                                              steps=16 if quick else 32, seed=0)),
-    ]
+    slq = "slq_density (2 x 16)" if quick else "slq_density (4 probes x 32 steps)"
+    for reorth in ce.REORTH_METHODS:
+        tag = "" if reorth == "full" else ", partial reorth"
+        out += [
+            (f"lanczos top-5{tag}", "hessian",
+             lambda op, r=reorth: ce.lanczos(op, k=5, seed=0, reorth=r)),
+            (slq[:-1] + tag + ")" if tag else slq, "hessian",
+             lambda op, r=reorth: ce.slq_density(op, n_probes=2 if quick else 4,
+                                                 steps=16 if quick else 32, seed=0, reorth=r)),
+        ]
     return out
 
 
@@ -71,7 +75,7 @@ def overhead_rows(models=("mlp", "cnn", "transformer"), quick: bool = False,
                 with MatmatTimer(op) as timer, warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)
                     t0 = time.perf_counter()
-                    run(op)
+                    result = run(op)
                     wall = time.perf_counter() - t0
                 matvecs = op.matvecs
                 sizes = Counter(b for b, _ in timer.calls)
@@ -84,6 +88,8 @@ def overhead_rows(models=("mlp", "cnn", "transformer"), quick: bool = False,
             rows.append({
                 **facts, "estimator": label, "operator": kind, "matvecs": matvecs,
                 "counted_vectors": timer.vectors, "batch_sizes": dict(sorted(sizes.items())),
+                # Lanczos / SLQ steps that read the whole basis (None for trace estimators).
+                "full_reorths": getattr(result, "full_reorthogonalizations", None),
                 "wall_s": statistics.median(walls),
                 "matvec_s": statistics.median(expected),
                 "overhead_pct": 100 * (statistics.median(ratios) - 1),
@@ -94,5 +100,6 @@ def overhead_rows(models=("mlp", "cnn", "transformer"), quick: bool = False,
 
 COLUMNS = [("model", "model", ""), ("estimator", "estimator", ""), ("operator", "op", ""),
            ("matvecs", "matvecs", ""), ("batch_sizes", "product sizes", ""),
+           ("full_reorths", "full reorth steps", ""),
            ("wall_s", "wall s", ".3f"), ("matvec_s", "matvecs x t(b) s", ".3f"),
            ("overhead_pct", "overhead %", ".1f"), ("outside_pct", "outside products %", ".1f")]
