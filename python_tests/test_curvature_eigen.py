@@ -258,9 +258,10 @@ def test_lanczos_invariant_subspaces_restart():
     copy; the run stops once a closed segment's top value is no better than the k-th wanted."""
     lams = np.array([3.0] * 10 + [1.0] * 20 + [-2.0] * 10)
     A = _spectral_matrix(lams, seed=4)
-    for which, k, want in [("largest", 5, [3.0] * 5), ("smallest", 12, [-2.0] * 10 + [1.0] * 2)]:
+    cases = [("largest", 5, [3.0] * 5), ("smallest", 12, [-2.0] * 10 + [1.0] * 2)]
+    for (which, k, want), reorth in [(c, s) for c in cases for s in ("full", "partial")]:
         op = _op(A)
-        r = lanczos(op, k=k, which=which)
+        r = lanczos(op, k=k, which=which, reorth=reorth)
         assert r.all_converged and r.restarts >= 1
         assert np.abs(r.eigenvalues.numpy() - want).max() <= 1e-12
         assert r.matvecs < 40   # short of exhausting the space
@@ -297,7 +298,8 @@ def test_lanczos_not_converged_warns():
 
 
 @pytest.mark.parametrize("basis_dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_lanczos_low_precision_basis(basis_dtype):
+@pytest.mark.parametrize("reorth", ["full", "partial"])
+def test_lanczos_low_precision_basis(basis_dtype, reorth):
     """A float64 operator with the basis stored in a lower precision.
 
     Measured (P = 400, outliers spectrum; see also curvature_eigen.lanczos' docstring):
@@ -309,7 +311,7 @@ def test_lanczos_low_precision_basis(basis_dtype):
     A, ev = _case("outliers", P)
     norm = np.abs(ev).max()
     op = _op(A)
-    r = lanczos(op, k=5, basis_dtype=basis_dtype, return_vectors=True)
+    r = lanczos(op, k=5, basis_dtype=basis_dtype, return_vectors=True, reorth=reorth)
     eps_b = torch.finfo(basis_dtype).eps
     assert r.tol == max(EPS64 ** (2 / 3), eps_b) and r.all_converged
     err = np.abs(r.eigenvalues.numpy() - ev[::-1][:5])
