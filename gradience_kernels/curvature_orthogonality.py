@@ -16,15 +16,18 @@ estimates omega_{j,i} of q_j^T q_i with the scalar recurrence the rows themselve
 reorthogonalizes fully only when max_i |omega_{j+1,i}| exceeds sqrt(eps), then also at the
 next step (the recurrence couples two consecutive rows). Semi-orthogonality, |q_j^T q_i| <=
 sqrt(eps) for all i != j, is enough for T_m's eigenvalues to be those of the projection of A
-onto span(Q_m) to O(eps ||A||) (Simon 1984, theorem 4): the Ritz values, their residual bounds
-and the Gauss quadrature of SLQ keep working precision, at O(m) scalar work per step.
+onto span(Q_m) to O(eps ||A||) (Simon 1984, theorem 4): the Ritz values and the Gauss
+quadrature of SLQ keep working precision, at O(m) scalar work per step. A full pass removes
+components of size omega beta_j on old rows, which T does not hold: they enter the Ritz
+residuals, so Lanczos (which certifies residuals down to eps^(2/3) ||A||, below sqrt(eps))
+lowers the threshold to its tolerance.
 
 theta: Simon's model of the rounding is eps ||A||; products computed by automatic
 differentiation in float32 are noisier (the bench models' Hessians: |q_{j-1}^T A q_j -
 beta_{j-1}| ~ 1e-6 ||A||, 10 eps), so theta takes the larger of eps ||A|| and that measured
 asymmetry of the product, and the eps of a lower-precision basis storage. Measured on the bench
-MLP Hessian (float32): the estimate stayed above the true max |Q^T q| at every step (by 10x to
-1000x), with 12 full reorthogonalizations in 90 steps.
+MLP Hessian (float32, threshold sqrt(eps)): the estimate stayed above the true max |Q^T q| at
+every step (by 10x to 1000x), with 12 full reorthogonalizations in 90 steps.
 """
 
 from __future__ import annotations
@@ -41,9 +44,11 @@ class OrthogonalityEstimate:
     Rows are 0-based; alpha, beta are the run's recurrence coefficients (beta[i] couples rows i
     and i + 1; 0 across a restart, where the new row was orthogonalized against all rows)."""
 
-    def __init__(self, eps: float, capacity: int = 64):
+    def __init__(self, eps: float, capacity: int = 64, threshold: float | None = None):
         self.eps = eps
-        self.threshold = math.sqrt(eps)
+        # sqrt(eps): semi-orthogonality; a caller that certifies residuals below that passes
+        # its tolerance (the components a full pass removes then stay below it).
+        self.threshold = math.sqrt(eps) if threshold is None else min(threshold, math.sqrt(eps))
         self.prev = np.zeros(capacity)   # omega_{j-1, i}
         self.cur = np.zeros(capacity)    # omega_{j, i}
         self.cur[0] = 1.0
