@@ -257,6 +257,15 @@ def _reorth_step(w: list[torch.Tensor], basis: Sequence[torch.Tensor], count: in
     return total[lo:].numpy(), math.sqrt(max(after, 0.0))
 
 
+def _local_step(w: list[torch.Tensor], local: Sequence[torch.Tensor], n: int,
+                out_row: int | None, min_norm: float) -> tuple[np.ndarray, float]:
+    """w against the n local rows only (passed as the whole basis `local`: classical
+    Gram-Schmidt with Kahan's second pass), the row out_row of `local` written as _reorth_step
+    does; returns the coefficients on the n rows and ||w|| after."""
+    total, after = _reorthogonalize_run(w, local, n, n, _REORTH_RATIO, out_row, min_norm)
+    return total.numpy(), math.sqrt(max(after, 0.0))
+
+
 def _owned(W: list[torch.Tensor], rows: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The products, copied if they share memory with the basis (an operator may hand back
     its input, e.g. an identity): they are orthogonalized in place."""
@@ -645,8 +654,8 @@ class _Krylov:
         ||w|| (the new row written when fused), as _reorth_step."""
         lo = self.prev_lo
         out = self.count - lo if fused else None
-        coef, norm = _reorth_step(w, [r[lo:] for r in rows], j + 1 - lo, 0, out_row=out,
-                                  min_norm=_BREAKDOWN_ULPS * self.eps * self.anorm)
+        coef, norm = _local_step(w, [r[lo:] for r in rows], j + 1 - lo, out,
+                                 _BREAKDOWN_ULPS * self.eps * self.anorm)
         self.anorm = max(self.anorm, math.sqrt(float(coef @ coef) + norm * norm))
 
         def full_pass(out_row):
@@ -971,9 +980,9 @@ def slq_density(op: CurvatureOperator, n_probes: int = 8, steps: int = 64,
             else:
                 # Partial: the local rows only, the whole basis when the estimated loss of
                 # orthogonality of the new row exceeds sqrt(eps) (curvature_orthogonality).
-                coef, norm = _reorth_step(w, [b[lo:] for b in basis], j + 1 - lo, 0,
-                                          out_row=None if out is None else out - lo,
-                                          min_norm=_BREAKDOWN_ULPS * eps * anorm[l])
+                coef, norm = _local_step(w, [b[lo:] for b in basis], j + 1 - lo,
+                                         None if out is None else out - lo,
+                                         _BREAKDOWN_ULPS * eps * anorm[l])
             alpha[l, j] = coef[-1]
             lengths[l] = j + 1
             anorm[l] = max(anorm[l], math.sqrt(float(coef @ coef) + norm * norm))

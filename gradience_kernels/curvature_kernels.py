@@ -903,7 +903,9 @@ def reorthogonalize_(w: Sequence[torch.Tensor], basis: Sequence[torch.Tensor], c
     rows 0..count-1, and a second full pass only when the first left
     ||w||^2 < ratio^2 (||w||^2 + ||c||^2), i.e. removed more than 1 - ratio of the norm
     (Kahan's test, "twice is enough": Parlett 1998 sec. 6.9). Then, when out_row is given and
-    ||w|| > min_norm, basis row out_row = w / ||w|| (rounded to the basis' dtype).
+    ||w|| > min_norm, basis row out_row = w / ||w|| (rounded to the basis' dtype). lo = count
+    skips the local pass (partial reorthogonalization orthogonalizes against its two local
+    rows by passing them as the whole basis: full passes with Kahan's test, one sweep fewer).
 
     Returns (coefficients Q^T w on rows 0..count-1 summed over the passes, float64 [count] on
     the host; ||w||^2 after, a float). On CPU the C++ op fuses the local pass's update with the
@@ -939,8 +941,9 @@ def _reorthogonalize_run(w, basis, count: int, lo: int, ratio: float, out_row: i
             min_norm)
         return total, float(norm2)
     total = torch.zeros(count, dtype=torch.float64)
-    total[lo:] += _orthogonalize_run(w, [b[lo:] for b in basis], count - lo, 1,
-                                     backend).double().cpu()
+    if lo < count:
+        total[lo:] += _orthogonalize_run(w, [b[lo:] for b in basis], count - lo, 1,
+                                         backend).double().cpu()
     wb = [t.unsqueeze(0) for t in w]
     everything = [list(range(len(w)))]
     for p in range(2):

@@ -615,17 +615,25 @@ void reorthogonalize(const Batch& w, const Batch& basis, int64_t count, int64_t 
   for (int64_t r = 0; r < count; ++r) total[r] = 0.0;
   Sweeper sweeper(w, basis, kOrthoChunk);
   std::vector<double> local(count - lo), c(count);
-  Sweep local_dots;
-  local_dots.d0 = lo;
-  local_dots.d1 = count;
-  sweeper.run(local_dots, local.data(), nullptr);
-  for (int64_t r = lo; r < count; ++r) total[r] += local[r - lo];
-  Sweep local_update;  // fused with the full pass's dots
-  local_update.u0 = lo;
-  local_update.u1 = count;
-  local_update.cu = local.data();
-  local_update.d1 = count;
-  sweeper.run(local_update, c.data(), nullptr);
+  if (lo < count) {
+    Sweep local_dots;
+    local_dots.d0 = lo;
+    local_dots.d1 = count;
+    sweeper.run(local_dots, local.data(), nullptr);
+    for (int64_t r = lo; r < count; ++r) total[r] += local[r - lo];
+    Sweep local_update;  // fused with the full pass's dots
+    local_update.u0 = lo;
+    local_update.u1 = count;
+    local_update.cu = local.data();
+    local_update.d1 = count;
+    sweeper.run(local_update, c.data(), nullptr);
+  } else {
+    // No local rows (lo = count): the full pass alone, one sweep fewer (partial
+    // reorthogonalization passes its two local rows as the whole basis this way).
+    Sweep full_dots;
+    full_dots.d1 = count;
+    sweeper.run(full_dots, c.data(), nullptr);
+  }
   double after = 0.0;
   for (int pass = 0; pass < 2; ++pass) {
     Sweep full;  // the full pass's update, fused with the norm after it
