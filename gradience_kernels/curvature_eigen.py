@@ -71,8 +71,9 @@ class EigenResult:
     power iteration: the residual of the last iterate). By Weyl / Bauer-Fike each theta_i is
     within residuals[i] of an eigenvalue of A (within residuals[i]^2 / gap when the rest of the
     spectrum is a gap away); that it is the i-th one, residuals cannot tell (see lanczos).
-    ``converged``: bool [k]. ``matvecs``: matvecs this call used; ``iterations``: Lanczos (block) steps or power iterations in all. ``eigenvectors``: a
-    list of [k, *shape] tensors (one per parameter tensor) in the operator's dtype, or None.
+    ``converged``: bool [k]. ``matvecs``: matvecs this call used; ``iterations``: Lanczos
+    (block) steps or power iterations in all. ``eigenvectors``: a list of [k, *shape] tensors
+    (one per parameter tensor) in the operator's dtype, or None.
     ``full_reorthogonalizations``: Lanczos steps that orthogonalized against the whole basis
     (all of them with reorth="full"; power iteration: 0).
     """
@@ -264,6 +265,30 @@ def _local_step(w: list[torch.Tensor], local: Sequence[torch.Tensor], n: int,
     does; returns the coefficients on the n rows and ||w|| after."""
     total, after = _reorthogonalize_run(w, local, n, n, _REORTH_RATIO, out_row, min_norm)
     return total.numpy(), math.sqrt(max(after, 0.0))
+
+
+def _omega_step(omega: OrthogonalityEstimate, w: list[torch.Tensor],
+                basis: Sequence[torch.Tensor], j: int, lo: int, coef: np.ndarray, norm: float,
+                alpha: np.ndarray, beta: np.ndarray, theta_floor: float, out_row: int | None,
+                min_norm: float) -> tuple[np.ndarray | None, float]:
+    """Partial reorthogonalization's decision after the local step of row j (coef: its
+    coefficients on rows lo..j, norm = ||w|| > min_norm; alpha, beta: the recurrence's
+    coefficients of rows 0..j-1): Simon's estimate for the new row, with the rounding term the
+    larger of theta_floor and the product's own asymmetry, q_{j-1}^T A q_j against
+    beta_{j-1} = q_j^T A q_{j-1} (equal for an exactly symmetric product); when it asks, a full
+    pass against rows 0..j (row out_row written). Returns (that pass's coefficients on rows
+    0..j, or None without one; ||w|| after)."""
+    asym = abs(coef[0] - beta[j - 1]) if j > 0 and lo == j - 1 else 0.0
+    theta = max(asym, theta_floor)
+    if not omega.update(np.append(alpha[:j], coef[-1]), np.append(beta[:j], norm), theta):
+        return None, norm
+    total, after = _reorthogonalize_run(w, basis, j + 1, lo, _REORTH_RATIO, out_row, min_norm)
+    norm = math.sqrt(max(after, 0.0))
+    if norm <= min_norm:
+        omega.drop_last()   # the residual deflates: no row follows
+    else:
+        omega.reset(theta, norm)
+    return total.numpy(), norm
 
 
 def _owned(W: list[torch.Tensor], rows: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -657,36 +682,30 @@ class _Krylov:
         coef, norm = _local_step(w, [r[lo:] for r in rows], j + 1 - lo, out,
                                  _BREAKDOWN_ULPS * self.eps * self.anorm)
         self.anorm = max(self.anorm, math.sqrt(float(coef @ coef) + norm * norm))
-
-        def full_pass(out_row):
-            total, after = _reorthogonalize_run(w, rows, j + 1, lo, _REORTH_RATIO, out_row,
-                                                _BREAKDOWN_ULPS * self.eps * self.anorm)
-            old = total[:lo].numpy()
-            self.colerr[j] = math.hypot(self.colerr[j], math.sqrt(float(old @ old)))
-            self.discarded = True
-            self.full_reorths += 1
-            return coef + total[lo:].numpy(), math.sqrt(max(after, 0.0))
-
-        if norm <= _BREAKDOWN_ULPS * self.eps * self.anorm or self.count >= self.limit:
+        thr = _BREAKDOWN_ULPS * self.eps * self.anorm
+        if norm <= thr or self.count >= self.limit:
             # No new row from this residual: its norm is the run's last coupling (the residual
             # of the Ritz pairs, 0 once the space is exhausted), so it is taken against the
             # whole basis, as with full reorthogonalization.
-            return full_pass(None)
-        H = self.H
-        # The product's own noise: q_{j-1}^T A q_j against beta_{j-1} = q_j^T A q_{j-1}
-        # (equal for an exactly symmetric product).
-        asym = abs(coef[0] - H[j, j - 1]) if j > 0 and lo == j - 1 else 0.0
-        theta = max(asym, self.eps_store * self.anorm)
-        alpha = np.diag(H)[:j + 1].copy()
-        alpha[j] = coef[-1]
-        beta = np.append(np.diag(H, -1)[:j], norm)
-        if self.omega.update(alpha, beta, theta):
-            coef, norm = full_pass(self.count if fused else None)
-            if norm <= _BREAKDOWN_ULPS * self.eps * self.anorm:
-                self.omega.drop_last()
-            else:
-                self.omega.reset(theta, norm)
+            total, after = _reorthogonalize_run(w, rows, j + 1, lo, _REORTH_RATIO, None, thr)
+            return self._absorb_full_pass(coef, total.numpy(), j, lo), math.sqrt(max(after, 0.0))
+        total, norm = _omega_step(self.omega, w, rows, j, lo, coef, norm, np.diag(self.H)[:j],
+                                  np.diag(self.H, -1)[:j], self.eps_store * self.anorm,
+                                  self.count if fused else None, thr)
+        if total is not None:
+            coef = self._absorb_full_pass(coef, total, j, lo)
         return coef, norm
+
+    def _absorb_full_pass(self, coef: np.ndarray, total: np.ndarray, j: int,
+                          lo: int) -> np.ndarray:
+        """A full pass's coefficients total (rows 0..j) after the local ones coef (rows
+        lo..j): those on rows lo..j join coef; those on older rows, which T does not hold,
+        join colerr[j] (in quadrature) and so the residuals."""
+        old = total[:lo]
+        self.colerr[j] = math.hypot(self.colerr[j], math.sqrt(float(old @ old)))
+        self.discarded = True
+        self.full_reorths += 1
+        return coef + total[lo:]
 
     def closed_extreme(self, which: str) -> float:
         """The wanted-side extreme eigenvalue of the closed (invariant) segment's block of H."""
@@ -989,14 +1008,12 @@ def slq_density(op: CurvatureOperator, n_probes: int = 8, steps: int = 64,
             if j + 1 == m:
                 continue
             if omega is not None and norm > _BREAKDOWN_ULPS * eps * anorm[l]:
-                asym = abs(coef[0] - beta[l, j - 1]) if j > 0 else 0.0
-                theta = max(asym, eps_store * anorm[l])
-                if omega[l].update(alpha[l, :j + 1], np.append(beta[l, :j], norm), theta):
-                    more, norm = _reorth_step(w, basis, j + 1, lo, out_row=out,
-                                              min_norm=_BREAKDOWN_ULPS * eps * anorm[l])
+                # (The quadrature uses T only: a full pass's coefficients are not kept.)
+                total, norm = _omega_step(omega[l], w, basis, j, lo, coef, norm, alpha[l],
+                                          beta[l], eps_store * anorm[l], out,
+                                          _BREAKDOWN_ULPS * eps * anorm[l])
+                if total is not None:
                     full_reorths += 1
-                    if norm > _BREAKDOWN_ULPS * eps * anorm[l]:
-                        omega[l].reset(theta, norm)
             if norm <= _BREAKDOWN_ULPS * eps * anorm[l]:
                 invariant[l] = True     # Krylov space invariant: the quadrature is exact
                 continue

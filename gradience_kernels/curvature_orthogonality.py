@@ -55,6 +55,7 @@ class OrthogonalityEstimate:
         self.rows = 1                    # j + 1: rows with an estimate
         self.force = 0                   # steps that reorthogonalize whatever the estimate
         self.full = 0                    # full reorthogonalizations so far
+        self._undo = None                # the state before the last update (drop_last)
 
     def _room(self, n: int) -> None:
         if n > self.cur.size:
