@@ -201,6 +201,60 @@ def test_exact_when_rank_is_at_most_the_sketch(rank):
     assert runs[3].converged and runs[3].matvecs <= ct.MIN_PROBES + rank + 2
 
 
+def _flat64(cols) -> torch.Tensor:
+    return torch.cat([t.reshape(t.shape[0], -1).double() for t in cols], 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("spectrum,passes", [("flat", 1), ("decay", 2), ("lowrank", 2)])
+def test_extend_basis_keeps_the_basis_orthonormal(monkeypatch, dtype, spectrum, passes):
+    """_extend_basis (BCGS, the second pass skipped when the first provably lost little):
+    over 5 batches of 8 columns, Q^T Q = I and the returned C = Q_old^T Y and
+    X = (I - Q_old Q_old^T) Y hold to a few ulps, against float64 products of the stored
+    columns; A Omega of a flat spectrum takes one pass per batch, a decaying or low-rank one
+    (cond(X)^2 up to ~1e3 and more: one pass would leave u cond^2 >> 10 u) two."""
+    monkeypatch.setattr(ct, "_orthonormal_batch", counted := _CountCalls(ct._orthonormal_batch))
+    op, A = matrix_op(spectrum="flat" if spectrum == "flat" else "decay", seed=4,
+                      rank=12 if spectrum == "lowrank" else None, dtype=dtype)
+    u = torch.finfo(dtype).eps
+    everything = [list(range(len(op.shapes)))]
+    Q = ct._Store()
+    for i in range(5):
+        omega = ck.gaussian(op.shapes, 8, 7, first=8 * i, dtype=dtype)
+        Y = op.matmat(omega)
+        old = torch.cat([_flat64(ch) for ch in Q.chunks], 0) if Q.count else None
+        calls = counted.n
+        new, C, X = ct._extend_basis(Q, Y, everything)
+        y = _flat64(Y)
+        if old is None:
+            assert C.shape == (0, 8)
+            torch.testing.assert_close(_flat64(X), y, rtol=0, atol=0)
+        else:
+            scale = float(y.norm(dim=1).max())
+            assert float((C - old @ y.T).abs().max()) <= 16 * u * scale
+            resid = y - C.T @ old
+            assert float((_flat64(X) - resid).abs().max()) <= 16 * u * scale
+        if new is None:
+            assert spectrum == "lowrank" and Q.count >= 12
+            continue
+        assert counted.n - calls == passes, f"batch {i}: {counted.n - calls} passes"
+        Q.append(new)
+        F = torch.cat([_flat64(ch) for ch in Q.chunks], 0)
+        err = float((F @ F.T - torch.eye(Q.count, dtype=torch.float64)).abs().max())
+        assert err <= 10 * u, f"batch {i}: ||Q^T Q - I||_max = {err / u:.1f} u"
+    if spectrum == "lowrank":
+        assert Q.count == 12  # the basis stops at rank A: no noise directions kept
+
+
+class _CountCalls:
+    def __init__(self, fn):
+        self.fn, self.n = fn, 0
+
+    def __call__(self, *args, **kw):
+        self.n += 1
+        return self.fn(*args, **kw)
+
+
 def test_zero_operator():
     op = MatrixOperator(torch.zeros(40, 40, dtype=torch.float64), [torch.Size([40])])
     for fn in (ct.hutchinson, ct.hutchpp, ct.xtrace):
