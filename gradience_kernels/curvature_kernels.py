@@ -910,7 +910,9 @@ def reorthogonalize_(w: Sequence[torch.Tensor], basis: Sequence[torch.Tensor], c
     Returns (coefficients Q^T w on rows 0..count-1 summed over the passes, float64 [count] on
     the host; ||w||^2 after, a float). On CPU the C++ op fuses the local pass's update with the
     full pass's dots and each full update with the norm: 3 sweeps over w where separate calls
-    take 5, and one call instead of 3 (the torch and Triton paths compose orthogonalize_)."""
+    take 5, and one call instead of 3; with lo = count the first full update also takes the
+    second pass's dots, which Kahan's test then nearly always asks for (the torch and Triton
+    paths compose orthogonalize_)."""
     count = _check_basis(w, basis, count)
     lo = _index(lo, "lo")
     if lo > count:

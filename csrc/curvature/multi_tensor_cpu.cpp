@@ -634,13 +634,21 @@ void reorthogonalize(const Batch& w, const Batch& basis, int64_t count, int64_t 
     full_dots.d1 = count;
     sweeper.run(full_dots, c.data(), nullptr);
   }
+  // Without local rows the first full pass removes w's large components (alpha q_j and
+  // beta q_{j-1}), so Kahan's test below nearly always asks for the second pass: its dots are
+  // then taken in the first pass's update sweep (free of memory traffic: the chunk's rows and
+  // w are in cache), one sweep fewer. After a local pass the second full pass is rare and the
+  // extra dots would cost count multiply-adds per entry for nothing, so they stay separate.
+  const bool fuse_second_dots = lo == count;
+  std::vector<double> next(count);
   double after = 0.0;
   for (int pass = 0; pass < 2; ++pass) {
     Sweep full;  // the full pass's update, fused with the norm after it
     full.u1 = count;
     full.cu = c.data();
     full.norm = true;
-    sweeper.run(full, nullptr, &after);
+    if (pass == 0 && fuse_second_dots) full.d1 = count;
+    sweeper.run(full, next.data(), &after);
     double removed = 0.0;
     for (int64_t r = 0; r < count; ++r) {
       total[r] += c[r];
@@ -649,9 +657,13 @@ void reorthogonalize(const Batch& w, const Batch& basis, int64_t count, int64_t 
     // w - Q c is orthogonal to Q c, so ||w before||^2 = after + ||c||^2: a second full pass
     // only when this one removed more than 1 - ratio of the norm (Kahan).
     if (pass == 1 || after >= ratio * ratio * (after + removed)) break;
-    Sweep full_dots;
-    full_dots.d1 = count;
-    sweeper.run(full_dots, c.data(), nullptr);
+    if (fuse_second_dots) {
+      c.swap(next);
+    } else {
+      Sweep full_dots;
+      full_dots.d1 = count;
+      sweeper.run(full_dots, c.data(), nullptr);
+    }
   }
   *norm2 = after;
   if (out_row >= 0 && after > 0.0 && std::sqrt(after) > min_norm) {
