@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one GPU command (issue 4): on a GPU machine with its own torch (2.11+ with CUDA), Triton
 # and no network, build the extension with CMake (no pip, no build isolation), run the test
-# suite on the GPU, then the GPU benchmark, and write the JSON under $OUT (if set) and
-# bench/results. Usage, from the repository root:  bash bench/gpu_check.sh [bench args...]
+# suite on the GPU, then the GPU benchmarks (tail estimators; curvature kernels), and write the
+# JSON under $OUT (if set) and bench/results. Usage, from the repository root:  bash bench/gpu_check.sh [bench args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -26,5 +26,10 @@ set +e
 tests=${PIPESTATUS[0]}
 set -e
 PYTHONUNBUFFERED=1 "$PY" bench/bench_tail_gpu.py --out-dir "$results" "$@"
-if [ -n "${OUT:-}" ]; then cp "$results"/bench_tail_*.json "$OUT"/ 2>/dev/null || true; fi
+# Curvature's Triton kernels against their torch path on the GPU (issue 6; well under a minute).
+PYTHONUNBUFFERED=1 "$PY" bench/bench_curvature_kernels.py --device cuda --out-dir "$results"
+if [ -n "${OUT:-}" ]; then
+  cp "$results"/bench_tail_*.json "$results"/bench_curvature_kernels_cuda.json "$OUT"/ \
+    2>/dev/null || true
+fi
 exit "$tests"

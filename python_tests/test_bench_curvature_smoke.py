@@ -69,3 +69,30 @@ def test_bench_curvature_smoke(tmp_path):
     for g in payload["goals"]:
         assert isinstance(g["met"], bool)
         assert g["value"] is None or math.isfinite(g["value"])
+
+
+KERNELS = Path(__file__).resolve().parent.parent / "bench" / "bench_curvature_kernels.py"
+
+
+def test_bench_curvature_kernels_smoke(tmp_path):
+    """bench/bench_curvature_kernels.py --quick on CPU (the GPU check runs it with --device
+    cuda): every kernel timed on the C++ ops and the torch path, combine on the torch path
+    only (the library's CPU combine), and a bad model name rejected."""
+    out = subprocess.run(
+        [sys.executable, str(KERNELS), "--quick", "--models", "mlp", "--repeats", "1",
+         "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    payload = json.loads((tmp_path / "bench_curvature_kernels_cpu.json").read_text())
+    assert payload["machine"]["device"] == "cpu" and payload["quick"] is True
+    rows = payload["rows"]
+    got = {(r["kernel"], r["backend"]) for r in rows}
+    kernels = {"rademacher", "gaussian", "rademacher_dots", "block_dots", "block_gram",
+               "orthogonalize", "reorthogonalize"}
+    assert got == {(k, b) for k in kernels for b in ("torch", "cpp")} | {("combine", "torch")}
+    for r in rows:
+        assert r["model"] == "mlp" and r["ms"] > 0 and math.isfinite(r["torch_over_this"])
+        if r["backend"] == "torch":
+            assert r["torch_over_this"] == 1.0
+    bad = subprocess.run([sys.executable, str(KERNELS), "--quick", "--models", "resnet"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--models: unknown ['resnet']" in bad.stderr
