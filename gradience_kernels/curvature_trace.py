@@ -249,14 +249,17 @@ class _Store:
                                                              dtype=_F64)
 
     def subtract_from(self, X: list[torch.Tensor], coeffs: torch.Tensor) -> None:
-        """X -= S coeffs in place (X: list [b, *shape] contiguous, coeffs [count, b]): one
+        """X -= S coeffs in place (X: list [b, *shape], coeffs [count, b]): one
         addmm_ per chunk and tensor, so no P x b temporary and no separate subtraction sweep
         (combine followed by a subtraction writes the temporary, then reads it and X)."""
         row = 0
         for ch, n in zip(self.chunks, self.sizes):
             for x, s in zip(X, ch):
                 c = coeffs[row:row + n].to(dtype=x.dtype, device=x.device)
-                x.view(x.shape[0], -1).addmm_(c.T, s.view(n, -1), alpha=-1)
+                if x.is_contiguous():
+                    x.view(x.shape[0], -1).addmm_(c.T, s.view(n, -1), alpha=-1)
+                else:  # a strided product handed back by the operator: one temporary
+                    x.sub_((c.T @ s.view(n, -1)).view(x.shape))
             row += n
 
     def combine(self, coeffs: torch.Tensor) -> list[torch.Tensor]:
@@ -380,7 +383,7 @@ def _extend_basis(Q: _Store, Y: list[torch.Tensor], everything: list[list[int]])
     sketch of m columns it costs ~ m^2 P / b multiply-adds of Gram products and combinations
     (test_curvature_trace checks the basis against Q^T Q = I either way)."""
     k = Q.count
-    X = [y.clone() for y in Y]
+    X = [y.clone(memory_format=torch.contiguous_format) for y in Y]
     C = torch.zeros(k, Y[0].shape[0], dtype=_F64)
     if k:
         C = Q.left(X, everything)[0]
