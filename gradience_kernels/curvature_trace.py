@@ -379,9 +379,9 @@ def _extend_basis(Q: _Store, Y: list[torch.Tensor], everything: list[list[int]])
     1 / sigma_min(X), so U^T Q ~ u ||Y||_F / sigma_min(X); the within-batch step loses
     ~ u cond(X)^2. When both factors are <= _ONE_PASS (the first only when there is no old
     basis: well-conditioned batches of a flat spectrum, where deflation removes little), pass 2
-    would only repeat the work: for a
-    sketch of m columns it costs ~ m^2 P / b multiply-adds of Gram products and combinations
-    (test_curvature_trace checks the basis against Q^T Q = I either way)."""
+    would only repeat the work: for a sketch of m columns it costs ~ m^2 P / b multiply-adds of
+    Gram products and combinations (test_curvature_trace checks the basis against Q^T Q = I
+    either way)."""
     k = Q.count
     X = [y.clone(memory_format=torch.contiguous_format) for y in Y]
     C = torch.zeros(k, Y[0].shape[0], dtype=_F64)
