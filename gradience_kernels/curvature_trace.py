@@ -249,17 +249,15 @@ class _Store:
                                                              dtype=_F64)
 
     def subtract_from(self, X: list[torch.Tensor], coeffs: torch.Tensor) -> None:
-        """X -= S coeffs in place (X: list [b, *shape], coeffs [count, b]): one
-        addmm_ per chunk and tensor, so no P x b temporary and no separate subtraction sweep
-        (combine followed by a subtraction writes the temporary, then reads it and X)."""
+        """X -= S coeffs in place (X: list [b, *shape], contiguous: callers copy strided
+        products first; coeffs [count, b]): one addmm_ per chunk and tensor, so no P x b
+        temporary and no separate subtraction sweep (combine followed by a subtraction writes
+        the temporary, then reads it and X)."""
         row = 0
         for ch, n in zip(self.chunks, self.sizes):
             for x, s in zip(X, ch):
                 c = coeffs[row:row + n].to(dtype=x.dtype, device=x.device)
-                if x.is_contiguous():
-                    x.view(x.shape[0], -1).addmm_(c.T, s.view(n, -1), alpha=-1)
-                else:  # a strided product handed back by the operator: one temporary
-                    x.sub_((c.T @ s.view(n, -1)).view(x.shape))
+                x.view(x.shape[0], -1).addmm_(c.T, s.view(n, -1), alpha=-1)
             row += n
 
     def combine(self, coeffs: torch.Tensor) -> list[torch.Tensor]:
