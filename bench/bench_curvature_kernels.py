@@ -25,16 +25,14 @@ on a GPU.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from curvature_matvec_rows import make_operator, problem  # noqa: E402
-from harness import format_table, machine_info, sync, write_json  # noqa: E402
+from harness import format_table, machine_info, time_interleaved, write_json  # noqa: E402
 
 from gradience_kernels import curvature_kernels as ck  # noqa: E402
 
@@ -80,24 +78,6 @@ def _cases(shapes, blocks, device):
     ]
 
 
-def _interleaved(run, backends, repeats: int, device) -> dict[str, float]:
-    """Median seconds per call of run(backend) for each backend, the backends alternating call
-    by call (after 2 warm-up calls each), so that a change in the machine's load between them
-    does not read as a difference of the kernels (this VM's timings drift by tens of %)."""
-    for be in backends:
-        for _ in range(2):
-            run(be)
-    times = {be: [] for be in backends}
-    for _ in range(repeats):
-        for be in backends:
-            sync(device)
-            t0 = time.perf_counter()
-            run(be)
-            sync(device)
-            times[be].append(time.perf_counter() - t0)
-    return {be: statistics.median(t) for be, t in times.items()}
-
-
 def kernel_rows(device: torch.device, models=MODELS, quick: bool = False,
                 repeats: int | None = None) -> list[dict]:
     repeats = repeats or (3 if quick else 31)
@@ -111,7 +91,8 @@ def kernel_rows(device: torch.device, models=MODELS, quick: bool = False,
         for kernel, run in _cases(shapes, blocks, device):
             backends = ["torch"] if kernel == "combine" and device.type != "cuda" else [
                 "torch", fast]
-            times = _interleaved(run, backends, repeats, device)
+            times = time_interleaved({be: (lambda be=be: run(be)) for be in backends},
+                                     repeats, warmup=2, device=device)
             for be in backends:
                 rows.append({**facts, "kernel": kernel, "backend": be, "ms": 1e3 * times[be],
                              "torch_over_this": times["torch"] / times[be]})

@@ -16,7 +16,6 @@ batch size).
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -137,11 +136,8 @@ def matvec_rows(models=("mlp", "cnn", "transformer"), quick: bool = False,
             diff = _rel_diff(out_b, [torch.stack([o[j] for o in out_l]) for j in
                                      range(len(op.shapes))])
             # interleaved repeats: the noise of a shared machine falls on both sides
-            tb, tl = [], []
-            for _ in range(repeats):
-                tb.append(harness.time_median(batched, repeats=1, warmup=0)[0])
-                tl.append(harness.time_median(looped, repeats=1, warmup=0)[0])
-            mb, ml = statistics.median(tb) / b, statistics.median(tl) / b
+            med = harness.time_interleaved({"batched": batched, "looped": looped}, repeats)
+            mb, ml = med["batched"] / b, med["looped"] / b
             if kind == "hessian":
                 chosen = op.method
             row = {**facts, "operator": kind, "hvp_method": getattr(op, "method", None),

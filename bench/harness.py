@@ -43,6 +43,26 @@ def time_median(fn: Callable[[], object], repeats: int = 5, warmup: int = 1,
     return statistics.median(times), times
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 0,
+                     device: torch.device | str | None = None) -> dict[str, float]:
+    """Median wall seconds of each fns[name]() over `repeats` rounds, the functions alternating
+    call by call (after `warmup` calls each), so that a change in a shared machine's load falls
+    on every side instead of reading as a difference between them."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+            sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
