@@ -105,16 +105,19 @@ def _hash_bits(keys: np.ndarray, index: np.ndarray) -> np.ndarray:
 
 def _probe_piece(keys: np.ndarray, entry0: int, n: int, gaussian: bool) -> torch.Tensor:
     """Probe entries entry0 .. entry0+n-1 of every key: [b, n], int32 +-1 (Rademacher: the top
-    bit of the hash) or float64 N(0, 1) (Box-Muller on the hashes of entries 2i and 2i+1,
-    u = (h + 1/2) 2^-32 in (0, 1), so log u is finite)."""
+    bit of the hash) or float64 N(0, 1) (Box-Muller on pairs: entries 2k and 2k+1 are
+    r cos(2 pi u2) and r sin(2 pi u2), r = sqrt(-2 ln u1), u1 and u2 = (h + 1/2) 2^-32 in
+    (0, 1) of the hashes of 2k and 2k+1, so log u is finite)."""
     index = np.arange(entry0, entry0 + n, dtype=np.uint64)
     if not gaussian:
         bits = _hash_bits(keys, index).view(np.int32)
         return torch.from_numpy((bits >> 31) | 1)  # arithmetic shift: -1 or 0, | 1: -1 or +1
-    u1 = torch.from_numpy(_hash_bits(keys, 2 * index).astype(np.float64)).add_(0.5).mul_(2.0**-32)
-    u2 = torch.from_numpy(_hash_bits(keys, 2 * index + 1).astype(np.float64)).add_(0.5)
-    u2.mul_(2.0**-32)
-    return torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
+    pair = index & ~np.uint64(1)  # 2k
+    u1 = torch.from_numpy(_hash_bits(keys, pair).astype(np.float64)).add_(0.5).mul_(2.0**-32)
+    u2 = torch.from_numpy(_hash_bits(keys, pair + np.uint64(1)).astype(np.float64)).add_(0.5)
+    angle = u2.mul_(2.0**-32).mul_(2 * math.pi)
+    odd = torch.from_numpy((index & np.uint64(1)).astype(bool))
+    return torch.sqrt(-2 * torch.log(u1)) * torch.where(odd, torch.sin(angle), torch.cos(angle))
 
 
 def _entry_offsets(numels: Sequence[int], start: int = 0) -> list[int]:
@@ -779,9 +782,10 @@ def rademacher(shapes: Sequence[torch.Size], batch: int, seed: int, first: int =
 def gaussian(shapes: Sequence[torch.Size], batch: int, seed: int, first: int = 0,
              dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
              backend: str | None = None, offset: int = 0) -> list[torch.Tensor]:
-    """Standard normal probes, list of [batch, *shape]: Box-Muller (Box & Muller 1958)
-    z = sqrt(-2 ln u1) cos(2 pi u2) in float64 on u = (h + 1/2) 2^-32 of the hashes of entries
-    2i and 2i+1. Backends agree to rounding: the transcendental functions of the two paths
+    """Standard normal probes, list of [batch, *shape]: Box-Muller (Box & Muller 1958) on
+    pairs of global entries, z_2k = r cos(2 pi u2) and z_2k+1 = r sin(2 pi u2) with
+    r = sqrt(-2 ln u1), in float64 on u = (h + 1/2) 2^-32 of the hashes of indices 2k and
+    2k+1 (two independent normals per pair of hashes). Backends agree to rounding: the transcendental functions of the two paths
     differ by a few float64 ulps, then one rounding to `dtype`."""
     return _probes(shapes, batch, seed, first, dtype, device, backend, True, offset)
 

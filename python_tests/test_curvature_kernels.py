@@ -45,9 +45,12 @@ def spec_bits(seed: int, probe: int, index: int) -> int:
 
 
 def spec_gaussian(seed: int, probe: int, index: int) -> float:
-    u1 = (spec_bits(seed, probe, 2 * index) + 0.5) * 2.0**-32
-    u2 = (spec_bits(seed, probe, 2 * index + 1) + 0.5) * 2.0**-32
-    return math.sqrt(-2 * math.log(u1)) * math.cos(2 * math.pi * u2)
+    """Box-Muller on the pair (2k, 2k+1) holding the entry: cos for the even, sin for the odd."""
+    pair = index - index % 2
+    u1 = (spec_bits(seed, probe, pair) + 0.5) * 2.0**-32
+    u2 = (spec_bits(seed, probe, pair + 1) + 0.5) * 2.0**-32
+    trig = math.sin if index % 2 else math.cos
+    return math.sqrt(-2 * math.log(u1)) * trig(2 * math.pi * u2)
 
 
 def gamma(n: int, dtype: torch.dtype) -> float:
@@ -135,10 +138,10 @@ def test_probes_follow_the_integer_specification(backend):
 
 def gaussian_tolerance(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Two Box-Muller evaluations of the same (u1, u2) in float64: sqrt is correctly rounded,
-    log within 1 ulp and cos within 2 ulps on every backend used (glibc, SLEEF, NumPy, CUDA
+    log within 1 ulp and cos and sin within 2 ulps on every backend used (glibc, SLEEF, NumPy, CUDA
     libdevice, the C++ kernels' polynomials), and the products -2 log u1 and 2 pi u2 round once
     each; so each result is within ~6 ulps relative of the exact z, two results within
-    16 eps64 |z|, except for the rounding of the argument x = 2 pi u2 near a zero of cos: it
+    16 eps64 |z|, except for the rounding of the argument x = 2 pi u2 near a zero of cos or sin: it
     moves x by <= |x| eps64 / 2 <= pi eps64, so z by <= R pi eps64 in absolute terms with
     R = sqrt(-2 log u1) <= sqrt(64 ln 2) < 6.7 (u1 >= 2^-33); the C++ path reduces u2 exactly
     before its product, so two results differ by at most 2 x 6.7 pi eps64 from this term. A cast

@@ -43,18 +43,26 @@ inline void entry_hashes(uint32_t key, uint32_t hi, uint32_t lo0, int64_t n, uin
 // Rademacher value of a hash: -1 when the top bit is set, else +1 (exact in every float format).
 inline float rademacher_of(uint32_t h) { return bits_to_float(0x3F800000u | (h & 0x80000000u)); }
 
-// cos(2 pi u) for u in (0, 1), branch-free so that loops over it vectorize: the distance
-// a = min(u, 1 - u) to the nearest integer is exact (1 - u is exact for u >= 1/2, Sterbenz, and
-// not chosen below), cos is even and cos(2 pi a) = -cos(2 pi (1/2 - a)), so a in [0, 1/4]; then
-// cos x (a <= 1/8) or sin(pi/2 - x), x = 2 pi a in [0, pi/4], by Taylor series to x^16 / x^17
-// (first omitted term < 3e-18). 1/2 - a and 1/4 - a are exact, so the error is a few ulps.
-inline double cos_two_pi(double u) {
+// cos(2 pi u) and sin(2 pi u) for u in (0, 1), branch-free (loops over it can be if-converted):
+// the distance a = min(u, 1 - u) to the nearest integer is exact (1 - u is exact for u >= 1/2,
+// Sterbenz, and not chosen below); cos is even and sin odd about 0 and 1, so cos(2 pi u) =
+// cos(2 pi a) and sin(2 pi u) = sin(2 pi a), negated for u > 1/2. a > 1/4 is reflected to
+// a' = 1/2 - a (cos changes sign, sin does not), then a' > 1/8 to t = 1/4 - a' (cos and sin
+// swap), so x = 2 pi t or 2 pi a' lies in [0, pi/4], where cos x and sin x are Taylor series to
+// x^16 / x^17 (first omitted term < 3e-18). 1/2 - a and 1/4 - a' are exact, so the error is a
+// few ulps.
+struct CosSin {
+  double cos, sin;
+};
+
+inline CosSin cos_sin_two_pi(double u) {
   constexpr double kTwoPi = 6.28318530717958647692;
-  double a = u < 1.0 - u ? u : 1.0 - u;           // [0, 1/2]
+  const bool lower = u < 1.0 - u;
+  double a = lower ? u : 1.0 - u;                 // [0, 1/2]
   const bool flip = a > 0.25;
   a = flip ? 0.5 - a : a;                         // [0, 1/4]
-  const bool use_sin = a > 0.125;
-  const double x = kTwoPi * (use_sin ? 0.25 - a : a);  // [0, pi/4]
+  const bool swap = a > 0.125;
+  const double x = kTwoPi * (swap ? 0.25 - a : a);  // [0, pi/4]
   const double z = x * x;
   double c = 1.0 / 20922789888000.0;               // 1/16!
   c = c * z - 1.0 / 87178291200.0;                 // 1/14!
@@ -74,8 +82,9 @@ inline double cos_two_pi(double u) {
   s = s * z + 1.0 / 120.0;
   s = s * z - 1.0 / 6.0;
   s = x + x * z * s;
-  const double r = use_sin ? s : c;
-  return flip ? -r : r;
+  const double cos_a = swap ? s : c;
+  const double sin_a = swap ? c : s;
+  return {flip ? -cos_a : cos_a, lower ? sin_a : -sin_a};
 }
 
 // (h + 1/2) 2^-32 in (0, 1) for a hash h, exactly: through int32 (a packed conversion on AVX2;

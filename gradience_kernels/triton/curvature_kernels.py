@@ -80,17 +80,20 @@ def _hash(p, index):
 
 @triton.jit
 def _probe(p, index, GAUSSIAN: tl.constexpr):
-    """Probe entries: +-1 from the hash's top bit (Rademacher) or Box-Muller on the hashes of
-    entries 2i and 2i+1, in float64 (as the torch path)."""
+    """Probe entries: +-1 from the hash's top bit (Rademacher) or Box-Muller on pairs in
+    float64 (as the torch path): entries 2k and 2k+1 are r cos(2 pi u2) and r sin(2 pi u2),
+    r = sqrt(-2 ln u1), from the hashes of 2k and 2k+1."""
     if GAUSSIAN:
-        h1 = _hash(p, 2 * index)
-        h2 = _hash(p, 2 * index + 1)
+        pair = index - (index & 1)
+        h1 = _hash(p, pair)
+        h2 = _hash(p, pair + 1)
         # Float64 constants made explicitly: a bare Python float may become an fp32 constant.
         scale = tl.full([], 2.3283064365386963e-10, tl.float64)  # 2^-32, exact
         two_pi = tl.full([], 6.283185307179586, tl.float64)  # the double nearest 2 pi
         u1 = (h1.to(tl.float64) + 0.5) * scale
-        u2 = (h2.to(tl.float64) + 0.5) * scale
-        z = tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(two_pi * u2)
+        angle = two_pi * ((h2.to(tl.float64) + 0.5) * scale)
+        trig = tl.where((index & 1) != 0, tl.sin(angle), tl.cos(angle))
+        z = tl.sqrt(-2.0 * tl.log(u1)) * trig
     else:
         z = tl.where((_hash(p, index) >> 31) != 0, -1.0, 1.0)
     return z
