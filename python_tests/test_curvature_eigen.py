@@ -172,6 +172,11 @@ def test_lanczos_matches_eigvalsh(P, kind, which, dtype, reorth):
         floor += float(torch.linalg.matrix_norm(A.float().double() - A, "fro"))
     assert np.all(res <= r.residuals.numpy() + floor)
     assert np.all(r.residuals.numpy() <= r.tol * norm)
+    if reorth == "partial" and dtype == torch.float64:
+        # The components its full passes removed are combined per Ritz vector, not added in
+        # quadrature: the reported residual is the true one to rounding (quadrature was 1-3%
+        # short on the smallest end of the 60-entry outliers, measured).
+        assert np.all(np.abs(res - r.residuals.numpy()) <= 1e-3 * res + floor), (res, r.residuals)
     # Cauchy interlacing: Ritz values of an orthonormal basis never pass lambda_i.
     sign = 1 if which == "largest" else -1
     assert np.all(sign * (theta - want) <= floor)
