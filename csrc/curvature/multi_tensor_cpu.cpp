@@ -168,10 +168,11 @@ void rademacher_tile(uint32_t key, uint64_t e0, int64_t n, float* z) {
 
 // Box-Muller (Box & Muller 1958) on pairs: entries 2k and 2k+1 are r cos(2 pi u2) and
 // r sin(2 pi u2), r = sqrt(-2 log u1), u1 and u2 = (h + 1/2) 2^-32 in (0, 1) of the hashes of
-// 2k and 2k+1 (log u finite). A pair costs one log, one sqrt and two hashes: half of one
-// normal per pair of hashes. The steps are separate loops that each vectorize under AVX2 (the
-// log and cos/sin through their 4-lane forms): one fused loop vectorized only under AVX-512
-// and ran scalar, ~26 ns/entry, on a 2-core Zen machine.
+// 2k and 2k+1 (log u finite): two normals per log, sqrt and pair of hashes, where using only
+// the cosine made one. The steps are separate loops that each vectorize under AVX2 (the log
+// and cos/sin through their 4-lane forms): one fused loop vectorized only under AVX-512 and
+// ran scalar, ~26 ns/entry, on a 2-core Zen machine. A tile that starts at an odd entry
+// computes the pair of its first entry in full (one extra pair per tile).
 void gaussian_tile(uint32_t key, uint64_t e0, int64_t n, double* z) {
   constexpr int64_t kPairs = kTile / 2 + 1;  // a tile starting at an odd entry spans one more
   uint32_t h[2 * kPairs];
