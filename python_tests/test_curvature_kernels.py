@@ -247,6 +247,29 @@ def test_gaussian_distribution():
     assert float(off) <= t
 
 
+def test_gaussian_pair_entries_are_independent():
+    """Entries 2k and 2k+1 are the cosine and sine outputs of one Box-Muller pair (one radius):
+    independent N(0, 1) when the pairing is right. Over N = 64 x 2048 pairs, the sample
+    correlations of (z_2k, z_2k+1), of their squares and of their absolute values each lie
+    within 6 / sqrt(N) (each has SD 1 / sqrt(N) under independence, up to O(1/N)); a wrong
+    pairing (a shared angle, the same output twice) moves them to O(1). The pair's r^2 =
+    z_2k^2 + z_2k+1^2 is exponential with mean 2: its mean and its variance 4 lie within 6
+    standard errors (Var r^2 = 4; Var (r^2 - 2)^2 = mu_4 - 4^2 = 144 - 16 = 128)."""
+    Z = flat(ck.gaussian([(4096,)], 64, seed=7, first=3))  # 64 x 4096: pairs (2k, 2k+1)
+    a, b = Z[:, 0::2].reshape(-1), Z[:, 1::2].reshape(-1)
+    N = a.numel()
+
+    def corr(x, y):
+        x, y = x - x.mean(), y - y.mean()
+        return float((x * y).sum() / (x.norm() * y.norm()))
+
+    for x, y in ((a, b), (a * a, b * b), (a.abs(), b.abs())):
+        assert abs(corr(x, y)) <= 6 / math.sqrt(N)
+    r2 = a * a + b * b
+    assert abs(float(r2.mean()) - 2) <= 6 * math.sqrt(4 / N)
+    assert abs(float(((r2 - 2) ** 2).mean()) - 4) <= 6 * math.sqrt(128 / N)
+
+
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
 def test_probe_dots_equal_dots_with_the_probes(kind):
     shapes = [(5, 6), (7,), (2, 3, 2)]
