@@ -785,8 +785,9 @@ def gaussian(shapes: Sequence[torch.Size], batch: int, seed: int, first: int = 0
     """Standard normal probes, list of [batch, *shape]: Box-Muller (Box & Muller 1958) on
     pairs of global entries, z_2k = r cos(2 pi u2) and z_2k+1 = r sin(2 pi u2) with
     r = sqrt(-2 ln u1), in float64 on u = (h + 1/2) 2^-32 of the hashes of indices 2k and
-    2k+1 (two independent normals per pair of hashes). Backends agree to rounding: the transcendental functions of the two paths
-    differ by a few float64 ulps, then one rounding to `dtype`."""
+    2k+1 (two independent normals per pair of hashes). Backends agree to rounding: the
+    transcendental functions of the paths differ by a few float64 ulps, then one rounding to
+    `dtype`."""
     return _probes(shapes, batch, seed, first, dtype, device, backend, True, offset)
 
 
