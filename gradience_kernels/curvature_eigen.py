@@ -705,13 +705,8 @@ class _Krylov:
         """A full pass's coefficients total (rows 0..j) after the local ones coef (rows
         lo..j): those on rows lo..j join coef; those on older rows, which T does not hold,
         are kept in discarded[j] for the residuals."""
-        old = np.asarray(total[:lo], dtype=np.float64)
-        if old.size:
-            prev = self.discarded.get(j)
-            if prev is not None:  # a second pass on the same step: the components add
-                old = old.copy()
-                old[:prev.size] += prev
-            self.discarded[j] = old.copy()
+        if lo > 0:  # at most one full pass per step: j is new each time
+            self.discarded[j] = np.array(total[:lo], dtype=np.float64)
         self.full_reorths += 1
         return coef + total[lo:]
 
