@@ -10,7 +10,9 @@
 // fmix32 is MurmurHash3's 32-bit finalizer; counter-based generation as in Salmon et al. 2011
 // ("Parallel random numbers: as easy as 1, 2, 3").
 #pragma once
+#include <cstddef>
 #include <cstdint>
+#include <iterator>
 
 #include "common/half_float.h"
 
@@ -55,6 +57,17 @@ struct CosSin {
   double cos, sin;
 };
 
+// Horner coefficients in z = x^2, highest first: cos x = sum_k (-1)^k z^k / (2k)! to k = 8,
+// sin x = x (1 + z sum_k (-1)^(k+1) z^k / (2k+3)!) to x^17. Shared by the AVX2 form
+// (probe_simd.h), so both evaluate the same series.
+inline constexpr double kCosTaylor[] = {
+    1.0 / 20922789888000.0, -1.0 / 87178291200.0, 1.0 / 479001600.0, -1.0 / 3628800.0,
+    1.0 / 40320.0,          -1.0 / 720.0,         1.0 / 24.0,        -0.5,
+    1.0};
+inline constexpr double kSinTaylor[] = {
+    1.0 / 355687428096000.0, -1.0 / 1307674368000.0, 1.0 / 6227020800.0, -1.0 / 39916800.0,
+    1.0 / 362880.0,          -1.0 / 5040.0,          1.0 / 120.0,        -1.0 / 6.0};
+
 inline CosSin cos_sin_two_pi(double u) {
   constexpr double kTwoPi = 6.28318530717958647692;
   const bool lower = u < 1.0 - u;
@@ -64,23 +77,10 @@ inline CosSin cos_sin_two_pi(double u) {
   const bool swap = a > 0.125;
   const double x = kTwoPi * (swap ? 0.25 - a : a);  // [0, pi/4]
   const double z = x * x;
-  double c = 1.0 / 20922789888000.0;               // 1/16!
-  c = c * z - 1.0 / 87178291200.0;                 // 1/14!
-  c = c * z + 1.0 / 479001600.0;                   // 1/12!
-  c = c * z - 1.0 / 3628800.0;                     // 1/10!
-  c = c * z + 1.0 / 40320.0;
-  c = c * z - 1.0 / 720.0;
-  c = c * z + 1.0 / 24.0;
-  c = c * z - 0.5;
-  c = c * z + 1.0;
-  double s = 1.0 / 355687428096000.0;              // 1/17!
-  s = s * z - 1.0 / 1307674368000.0;               // 1/15!
-  s = s * z + 1.0 / 6227020800.0;                  // 1/13!
-  s = s * z - 1.0 / 39916800.0;                    // 1/11!
-  s = s * z + 1.0 / 362880.0;
-  s = s * z - 1.0 / 5040.0;
-  s = s * z + 1.0 / 120.0;
-  s = s * z - 1.0 / 6.0;
+  double c = kCosTaylor[0];
+  for (size_t k = 1; k < std::size(kCosTaylor); ++k) c = c * z + kCosTaylor[k];
+  double s = kSinTaylor[0];
+  for (size_t k = 1; k < std::size(kSinTaylor); ++k) s = s * z + kSinTaylor[k];
   s = x + x * z * s;
   const double cos_a = swap ? s : c;
   const double sin_a = swap ? c : s;
