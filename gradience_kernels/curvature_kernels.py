@@ -108,16 +108,18 @@ def _probe_piece(keys: np.ndarray, entry0: int, n: int, gaussian: bool) -> torch
     bit of the hash) or float64 N(0, 1) (Box-Muller on pairs: entries 2k and 2k+1 are
     r cos(2 pi u2) and r sin(2 pi u2), r = sqrt(-2 ln u1), u1 and u2 = (h + 1/2) 2^-32 in
     (0, 1) of the hashes of 2k and 2k+1, so log u is finite)."""
-    index = np.arange(entry0, entry0 + n, dtype=np.uint64)
     if not gaussian:
-        bits = _hash_bits(keys, index).view(np.int32)
+        bits = _hash_bits(keys, np.arange(entry0, entry0 + n, dtype=np.uint64)).view(np.int32)
         return torch.from_numpy((bits >> 31) | 1)  # arithmetic shift: -1 or 0, | 1: -1 or +1
-    pair = index & ~np.uint64(1)  # 2k
+    # Each pair k covering the range once (as the C++ tile): hashes, log and trig per pair.
+    first = entry0 & 1
+    pair = 2 * np.arange(entry0 >> 1, (entry0 + n + 1) >> 1, dtype=np.uint64)  # 2k
     u1 = torch.from_numpy(_hash_bits(keys, pair).astype(np.float64)).add_(0.5).mul_(2.0**-32)
     u2 = torch.from_numpy(_hash_bits(keys, pair + np.uint64(1)).astype(np.float64)).add_(0.5)
     angle = u2.mul_(2.0**-32).mul_(2 * math.pi)
-    odd = torch.from_numpy((index & np.uint64(1)).astype(bool))
-    return torch.sqrt(-2 * torch.log(u1)) * torch.where(odd, torch.sin(angle), torch.cos(angle))
+    r = torch.sqrt(-2 * torch.log(u1))
+    both = torch.stack([r * torch.cos(angle), r * torch.sin(angle)], -1).reshape(len(keys), -1)
+    return both[:, first:first + n]
 
 
 def _entry_offsets(numels: Sequence[int], start: int = 0) -> list[int]:
