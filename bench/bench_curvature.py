@@ -67,7 +67,8 @@ PARTS = (
 NOTES = {
     "matvec": "ms per vector of one op.matmat on 16 Rademacher vectors vs 16 op.matvec calls; "
               "median of 5 interleaved repeats; 'hessian' is method='auto' (hvp_method: what "
-              "it chose), the other row the method it did not choose",
+              "it chose for 1 / 16 vectors, after its trials on the first products), the other "
+              "row the method its batches do not use",
     "overhead": "overhead_pct = wall / sum over the run's products of the median time of one "
                 "op.matmat at that product's size (measured right after the run) - 1; "
                 "outside_pct = time outside the products / time inside them, both timed in "

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from curvature_matvec_rows import (MatmatTimer, hessian_kind, make_operator,  # noqa: E402
-                                   matmat_time, probes, problem)
+                                   matmat_time, problem, settle)
 
 
 def estimators(budget: int, quick: bool):
@@ -65,10 +65,10 @@ def overhead_rows(models=("mlp", "cnn", "transformer"), quick: bool = False,
             if kind == "hessian":
                 kind = hessian_kind(quick)
             op = ops.setdefault(kind, make_operator(kind, model, loss_fn, batch))
-            # Warm-up: build the operator (graphs, 'auto' method choice) and run products of
-            # the sizes estimators use, so first-call costs are not counted as overhead.
-            for b in (1, 2, 6, 16):
-                op.matmat(probes(op, b))
+            # Warm-up: build the operator and run products of the sizes estimators use until
+            # 'auto' has chosen its path for each, so first-call costs and trials of slower
+            # paths are not counted as overhead.
+            settle(op, (1, 2, 6, 16))
             walls, expected, inside, matvecs = [], [], [], None
             for _ in range(repeats):
                 op.reset_count()

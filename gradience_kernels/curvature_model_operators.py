@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .curvature_kernels import block_gram
+from .curvature_method_choice import OnlineChoice
 from .curvature_operators import Block, CurvatureOperator
 
 __all__ = ["hessian", "ggn", "empirical_fisher", "HessianOperator", "GGNOperator",
@@ -356,6 +357,14 @@ def _linearize(fn, primals):
         return tfunc.linearize(fn, primals)
 
 
+def _import_func_transforms(dtype, device) -> None:
+    """A vmapped jvp of a grad on a 2-vector: the first such call in a process imports what
+    torch.func's transforms need (1.8 s measured), which would otherwise land in the first
+    product (an untimed trial of 'auto', but wall time of the caller's first estimator)."""
+    x = torch.zeros(2, 2, dtype=dtype, device=device)
+    tfunc.vmap(lambda v: tfunc.jvp(tfunc.grad(lambda p: (p * p).sum()), (x[0],), (v,))[1])(x)
+
+
 def _zeros_for_none(grads, like):
     return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like)]
 
@@ -376,37 +385,57 @@ class HessianOperator(ModelOperator):
       only the tangent computation; the trace costs seconds for a transformer (about 2,000
       traced ops), worth it for many products (falls back to plain jvp if tracing fails).
 
-    ``method="auto"`` builds both at the first product and times them on fixed Gaussian
-    probes, for one vector and for a batch of 8 (a warm-up of each path, the batch's on 2
-    vectors, then 3 rounds of a timed call each, the methods interleaved, keeping each one's
-    fastest: 60 matvecs, counted in ``matvecs`` and in ``selection_matvecs``). It then uses the
-    faster
-    for single vectors (``single_method``: typically double backward, whose graph is cached)
-    and the faster for batches (``method``), or, when a loop of the fastest single product
-    beats both batched products per vector, batches by that loop (``batch_loop`` True: seen
-    on 1-2 CPU cores, where an HVP is compute-bound and batched element-wise ops fall out of
-    cache); ``method_timings`` holds the seconds per vector
-    measured for a batch and ``single_method_timings`` for one vector, keyed by method. A
-    method that fails to build or run (an op without forward-mode AD or double backward) is
-    left out, its exception kept in ``method_errors``. A forced method serves both.
+    ``method="auto"`` builds both at the first product and picks, for each batch size b, the
+    fastest way to compute it from the timings of the products the caller asks for
+    (``curvature_method_choice.OnlineChoice``): for one vector double backward or
+    forward-over-reverse; for a batch either vmapped product or a loop of the chosen single
+    product (whose cost per vector is the single product's, so it needs no trial of its own:
+    on 1-2 CPU cores an HVP is compute-bound and the loop often wins, batched element-wise ops
+    falling out of cache). The first calls at each b go round the candidates (2 timed calls
+    each, interleaved; a path's first call ever, which pays lazy initialization, is not timed;
+    a candidate 1.5x slower than the best after one call is dropped), later calls use the
+    fastest. Every product is a real one: no vectors beyond the caller's are multiplied or
+    counted (the timed choice on 60 probe products at prepare, before 2026-12-07, counted
+    them). ``choices`` maps b to the path chosen ("double_backward", "forward_over_reverse" or
+    "loop") and ``timings`` to the seconds per vector measured per path. Both methods' state
+    (the double-backward graph) is kept, since a new batch size can come at any time: force a
+    method to hold only its own. A method that fails to build or run (an op without
+    forward-mode AD or double backward) is left out, its exception kept in
+    ``method_errors``, and the product is redone by the other. A forced method serves every
+    product and is never timed.
     """
 
-    _PROBES = 8
-    _ROUNDS = 3
+    _TRIALS = 2
+    _PRUNE = 1.5
+    _METHODS = ("double_backward", "forward_over_reverse")
 
     def __init__(self, problem: ModelProblem, method: str = "auto", linearize: bool = False):
+        if method not in HESSIAN_METHODS:
+            raise ValueError(f"method: expected one of {HESSIAN_METHODS}, got {_describe(method)}")
         super().__init__(problem)
-        self.requested_method = method
+        self.method = method
         self.linearize = linearize
-        self.method: str | None = None if method == "auto" else method
-        self.single_method: str | None = self.method
-        self.method_timings: dict[str, float] = {}
-        self.single_method_timings: dict[str, float] = {}
-        self.selection_matvecs = 0
+        self.choice = OnlineChoice(self._TRIALS, self._PRUNE)
         self.method_errors: dict[str, Exception] = {}
-        self.batch_loop = False
         self.linearized: bool | None = None
         self._db_batched_ok = True
+        self._warm: set[tuple[str, bool]] = set()
+
+    @property
+    def choices(self) -> dict[int, str]:
+        """Batch size -> the path chosen for it ('auto' only; empty while on trial)."""
+        return dict(self.choice.choices)
+
+    @property
+    def timings(self) -> dict[int, dict[str, float]]:
+        """Batch size -> path -> the fastest measured seconds per vector ('auto' only)."""
+        return {b: {c: min(t) for c, t in ts.items() if t}
+                for b, ts in self.choice.timings.items()}
+
+    @property
+    def single_method(self) -> str | None:
+        """The method of single products: the forced one, or auto's choice (None before)."""
+        return self.method if self.method != "auto" else self.choice.choices.get(1)
 
     # -- double backward ---------------------------------------------------------------
     def _build_double_backward(self):
@@ -451,6 +480,7 @@ class HessianOperator(ModelOperator):
         def hvp(v):
             return tfunc.jvp(grad_fn, (p.primals, *y_primal), (v, *y_tangent))[1]
         self._for_single, self._for_batched = hvp, tfunc.vmap(hvp)
+        _import_func_transforms(self.dtype, self.device)
         traced = (self._traced_products(lambda params: grad_fn(params, *y_primal),
                                         lambda lin: (lin, tfunc.vmap(lin)))
                   if self.linearize else None)
@@ -467,7 +497,7 @@ class HessianOperator(ModelOperator):
     def _build(self):
         builders = {"double_backward": self._build_double_backward,
                     "forward_over_reverse": self._build_forward_over_reverse}
-        if self.method is not None:  # forced: its errors are the user's to see
+        if self.method != "auto":  # forced: its errors are the user's to see
             builders[self.method]()
             return
         for name, build in builders.items():
@@ -477,83 +507,55 @@ class HessianOperator(ModelOperator):
                 self.method_errors[name] = err
         if len(self.method_errors) == len(builders):
             raise self.method_errors["double_backward"]
-        self._choose()
 
-    def _choose(self):
-        k = self._PROBES
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        probes = [torch.randn(k, *s, generator=gen, dtype=self.dtype).to(self.device)
-                  for s in self.shapes]
-        one = [t[0] for t in probes]
-        warm = [t[:2] for t in probes]
-        impl = {"double_backward": self._db, "forward_over_reverse": self._for}
-        single: dict[str, list[float]] = {}
-        batched: dict[str, list[float]] = {}
-        for name, fn in impl.items():
-            if name in self.method_errors:
-                continue
-            try:
-                # Warm-up of both paths: first-call costs (allocator, lazy init, vmap's batching
-                # rules) are no method's. Without the batched warm-up, forward-over-reverse's
-                # batch was timed with its first-call cost and lost to double backward on the
-                # bench MLP, although it ran 4.5 against 5.4 ms per vector there.
-                fn(one, False)
-                fn(warm, True)
-            except Exception as err:  # noqa: BLE001  e.g. an op without forward-mode AD
-                self.method_errors[name] = err
-                continue
-            self.selection_matvecs += 3
-            single[name], batched[name] = [], []
-        # Rounds interleave the methods and each keeps its fastest call: one timed call per
-        # path picked forward-over-reverse for single products on the bench MLP in one run
-        # (16.5 ms against double backward's 6.4 ms per vector), the machine being busy
-        # during that one call.
-        for _ in range(self._ROUNDS):
-            for name in list(single):
-                fn = impl[name]
-                try:
-                    t0 = time.perf_counter()
-                    fn(one, False)
-                    t1 = time.perf_counter()
-                    fn(probes, True)
-                    t2 = time.perf_counter()
-                except Exception as err:  # noqa: BLE001  fails only on some inputs
-                    self.method_errors[name] = err
-                    del single[name], batched[name]
-                    continue
-                self.selection_matvecs += 1 + k
-                single[name].append(t1 - t0)
-                batched[name].append((t2 - t1) / k)
-        self.single_method_timings = {n: min(t) for n, t in single.items()}
-        self.method_timings = {n: min(t) for n, t in batched.items()}
-        self.matvecs += self.selection_matvecs
-        if not self.method_timings:
-            raise self.method_errors["double_backward"]
-        self.method = min(self.method_timings, key=self.method_timings.get)
-        self.single_method = min(self.single_method_timings, key=self.single_method_timings.get)
-        # On a CPU the per-vector work of an HVP is compute-bound and a vmapped batch can be
-        # slower than single products (batched element-wise ops fall out of cache): then a
-        # batch is a loop of the fastest single product.
-        if self.single_method_timings[self.single_method] < self.method_timings[self.method]:
-            self.method, self.batch_loop = self.single_method, True
-        used = {self.method, self.single_method}
-        if "double_backward" not in used and hasattr(self, "_grads"):
-            del self._grads, self._leaves  # free the retained double-backward graph
-        if "forward_over_reverse" not in used and hasattr(self, "_for_single"):
-            del self._for_single, self._for_batched
-
-    def _single(self, v):
-        if self.single_method == "double_backward":
-            return self._db(v, False)
-        return self._for(v, False)
-
-    def _batched(self, V):
-        if self.batch_loop:
+    def _product(self, path: str, V, batched: bool):
+        if path == "loop":
             cols = [self._single([t[j] for t in V]) for j in range(V[0].shape[0])]
             return [torch.stack(c) for c in zip(*cols)]
-        if self.method == "double_backward":
-            return self._db(V, True)
-        return self._for(V, True)
+        if path == "double_backward":
+            return self._db(V, batched)
+        return self._for(V, batched)
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":  # kernels are asynchronous: time their completion
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _chosen(self, V, batched: bool):
+        b = V[0].shape[0] if batched else 1
+        while True:
+            methods = [m for m in self._METHODS if m not in self.method_errors]
+            fixed = None
+            if batched:
+                single = self.choice.best_time(1)
+                if single is None:  # the loop's cost is the single product's: learn it first
+                    return self._product("loop", V, True)
+                fixed = {"loop": single}
+            path = self.choice.next(b, methods, fixed)
+            timed = b not in self.choice.choices and (path, batched) in self._warm
+            try:
+                t0 = self._clock() if timed else 0.0
+                out = self._product(path, V, batched)
+                if timed:
+                    self.choice.record(b, path, (self._clock() - t0) / b)
+            except Exception as err:  # noqa: BLE001  a method that fails on some input
+                if path == "loop" or len(methods) == 1:
+                    raise
+                self.method_errors[path] = err
+                self.choice.drop(path)
+                continue
+            self._warm.add((path, batched))
+            return out
+
+    def _single(self, v):
+        if self.method != "auto":
+            return self._product(self.method, v, False)
+        return self._chosen(v, False)
+
+    def _batched(self, V):
+        if self.method != "auto":
+            return self._product(self.method, V, True)
+        return self._chosen(V, True)
 
 
 class GGNOperator(ModelOperator):

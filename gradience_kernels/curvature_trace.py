@@ -147,9 +147,8 @@ def _check_args(op, rtol, max_matvecs, batch_size, seed, min_probes, minimum: in
     min_probes = _check_int(min_probes, "min_probes", 2)
     if op.numel < 1:
         raise ValueError(f"op: the operator has no parameters (numel = {op.numel})")
-    # Model operators build lazily at their first product, and the Hessian's method="auto"
-    # spends a few counted products choosing its HVP there: build now, so that the estimator's
-    # count (checked against op.matvecs) covers its own products only.
+    # Model operators build lazily at their first product (graphs, per-sample gradients):
+    # build now, before the estimator's clock and probes.
     prepare = getattr(op, "prepare", None)
     if callable(prepare):
         prepare()

@@ -30,7 +30,7 @@ def curvature_rows(seed: int = 0, samples: int = CURVATURE_SAMPLES,
     loss_fn = torch.nn.functional.cross_entropy
     op = hessian(model, loss_fn, batch)
     t0 = time.perf_counter()
-    op.prepare()  # the timed choice of the HVP method, outside the estimators' times
+    op.prepare()  # the gradient graph and the jvp closures, outside the estimators' times
     t_prepare = time.perf_counter() - t0
     traces = []
     for method in ("hutchinson", "hutch++", "xtrace"):
@@ -51,7 +51,7 @@ def curvature_rows(seed: int = 0, samples: int = CURVATURE_SAMPLES,
     return {"traces": traces, "eigen": eig, "eigen_time_s": t_eig, "margin": margin,
             "fisher_trace": float(fisher), "fisher_time_s": t_fisher, "n_params": n_params,
             "samples": samples, "budget": budget, "hvp_method": op.single_method,
-            "batch_method": "looped" if op.batch_loop else op.method,
+            "batch_methods": {b: path for b, path in sorted(op.choices.items()) if b > 1},
             "prepare_time_s": t_prepare}
 
 
@@ -72,12 +72,21 @@ def format_curvature(rows: dict[str, object]) -> str:
                  f" ({'stable' if m.margin > 0 else 'beyond the edge of stability'})")
     lines.append(f"empirical Fisher trace (exact, {rows['samples']} per-sample gradients): "
                  f"{rows['fisher_trace']:.4g} ({rows['fisher_time_s']:.2f}s)")
+    batches = "".join(f", batches of {b} by {_path_name(p)}"
+                      for b, p in rows["batch_methods"].items())
     lines.append(
-        f"{rows['n_params']} parameters, {rows['samples']} samples, cross-entropy loss; HVPs by "
-        f"{rows['hvp_method'].replace('_', ' ')} (batches: {rows['batch_method'].replace('_', ' ')}"
-        f"; chosen by timing both in {rows['prepare_time_s']:.1f}s). Each trace stops at a "
+        f"{rows['n_params']} parameters, {rows['samples']} samples, cross-entropy loss; single "
+        f"HVPs by {_path_name(rows['hvp_method'])}{batches} (chosen from the timings of the "
+        f"first products; operator built in {rows['prepare_time_s']:.1f}s). Each trace stops at a "
         f"{TRACE_RTOL:.0%} relative standard error or {rows['budget']} HVPs. Hutch++ and XTrace "
         "deflate the top of the spectrum: this Hessian's is flat (lambda_max ~ 1.3 of a trace "
         "~ 40), so they gain little here; on the GGNs of bench/bench_curvature.py they need a "
         "fraction of Hutchinson's HVPs.")
     return "\n".join(lines)
+
+
+def _path_name(path: str | None) -> str:
+    """How the operator computed a product: a method, or a loop of single products."""
+    if path is None:
+        return "not chosen yet"
+    return "a loop of single products" if path == "loop" else path.replace("_", " ")

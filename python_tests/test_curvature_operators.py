@@ -86,24 +86,39 @@ def test_hessian_linearized_and_auto(name):
         assert_close(lin.to_matrix(), H, tol)
         assert lin.linearized is True
     auto = co.hessian(model, loss_fn, batch)
-    assert auto.method is None  # chosen at the first product, not at construction
-    assert_close(auto.to_matrix(), H, tol)
-    per_method = 3 + co.HessianOperator._ROUNDS * (1 + co.HessianOperator._PROBES)
-    assert auto.selection_matvecs == 2 * per_method
-    assert auto.matvecs == auto.numel + auto.selection_matvecs
+    assert auto.method == "auto" and auto.choices == {} and auto.single_method is None
     methods = {"double_backward", "forward_over_reverse"}
-    assert auto.method in methods and auto.single_method in methods
-    assert set(auto.method_timings) == set(auto.single_method_timings) == methods
-    assert auto.single_method == min(methods, key=auto.single_method_timings.get)
-    fastest_batched = min(auto.method_timings.values())
-    if auto.batch_loop:  # a loop of single products was faster than either vmapped batch
-        assert auto.method == auto.single_method
-        assert auto.single_method_timings[auto.single_method] < fastest_batched
-    else:
-        assert auto.method_timings[auto.method] == fastest_batched
-    # every strategy gives the same matrix: force the other batching
-    auto.batch_loop = not auto.batch_loop
+    # Products until b = 1 and b = 4 are decided, each exact whichever path served it.
+    asked = settle(auto, 1, H, tol) + settle(auto, 4, H, tol)
+    assert auto.matvecs == asked  # only the products asked for: the trials are real ones
+    assert auto.single_method in methods
+    assert auto.single_method == min(auto.timings[1], key=auto.timings[1].get)
+    costs = {**auto.timings[4], "loop": min(auto.timings[1].values())}
+    assert auto.choices[4] == min(costs, key=costs.get)
+    assert set(auto.timings[4]) <= methods and auto.method_errors == {}
+    # every path gives the same products: force each at b = 4
+    for path in sorted(methods | {"loop"}):
+        auto.choice.choices[4] = path
+        settle(auto, 4, H, tol, calls=2)
     assert_close(auto.to_matrix(), H, tol)
+
+
+def settle(op, b, H, tol, calls=None) -> int:
+    """Products of op at batch size b on unit vectors, each checked against the dense H, until
+    'auto' has decided b (or for `calls` calls); returns the vectors multiplied."""
+    n = 0
+    while (b not in op.choices) if calls is None else n < calls * b:
+        cols = [(n + j) % op.numel for j in range(b)]
+        E = torch.zeros(b, op.numel, dtype=H.dtype)
+        E[torch.arange(b), cols] = 1
+        V = op.unflatten(E)
+        out = op.matmat(V) if b > 1 else [t[None] for t in op.matvec([t[0] for t in V])]
+        assert_close(op.flatten(out), H[:, cols].T, tol)
+        n += b
+        # per method a warm-up call (not timed) and <= _TRIALS timed ones; for a batch, a
+        # loop of single products first when no single product was timed yet
+        assert n <= b * (2 * (1 + co.HessianOperator._TRIALS) + (b > 1))
+    return n
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -456,7 +471,7 @@ def test_bad_inputs_raise_clear_errors():
         op.matvec([good[0], good[1][:-1]] + good[2:])
     with pytest.raises(ValueError, match="expected 6 tensors"):
         op.matvec(good[:-1])
-    assert op.matvecs == 0 and op.method is None  # rejected before any work
+    assert op.matvecs == 0 and not op._ready  # rejected before any work
 
 
 def test_no_warnings_from_the_products():
@@ -497,9 +512,12 @@ def test_auto_skips_a_method_that_fails():
     op = co.hessian(model, loss, batch)
     ref = R.explicit_hessian(model, loss, batch)
     assert_close(op.to_matrix(), ref, tolerance(model, batch, ref, torch.float64))
-    assert op.method == op.single_method == "double_backward"
+    assert op.single_method == "double_backward"
     assert set(op.method_errors) == {"forward_over_reverse"}
-    assert op.selection_matvecs == 3 + co.HessianOperator._ROUNDS * (1 + co.HessianOperator._PROBES)
+    assert op.choices[1] == "double_backward"
+    asked = op.numel + settle(op, 3, ref, tolerance(model, batch, ref, torch.float64))
+    assert op.choices[3] in ("double_backward", "loop")
+    assert op.matvecs == asked  # the failed attempt is redone, not counted
     with pytest.raises(RuntimeError):  # forced, the failure is the user's to see
         co.hessian(model, loss, batch, method="forward_over_reverse").matvec(
             [torch.ones(s, dtype=torch.float64) for s in op.shapes])
