@@ -394,9 +394,8 @@ class HessianOperator(ModelOperator):
     falling out of cache). The first calls at each b go round the candidates (2 timed calls
     each, interleaved; a path's first call ever, which pays lazy initialization, is not timed;
     a candidate 1.5x slower than the best after one call is dropped), later calls use the
-    fastest. Every product is a real one: no vectors beyond the caller's are multiplied or
-    counted (the timed choice on 60 probe products at prepare, before 2026-12-07, counted
-    them). ``choices`` maps b to the path chosen ("double_backward", "forward_over_reverse" or
+    fastest. Every trial is one of the caller's products: no probe products are spent on the
+    choice (timing on probes at build cost 60 counted products per operator). ``choices`` maps b to the path chosen ("double_backward", "forward_over_reverse" or
     "loop") and ``timings`` to the seconds per vector measured per path. Both methods' state
     (the double-backward graph) is kept, since a new batch size can come at any time: force a
     method to hold only its own. A method that fails to build or run (an op without
