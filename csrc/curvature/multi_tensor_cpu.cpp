@@ -7,6 +7,9 @@
 #include <algorithm>
 #include <cmath>
 #include <vector>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 #include "common/half_float.h"
 #include "common/parallel.h"
@@ -36,7 +39,13 @@ template <> struct Elem<Storage::kFloat64> { using T = double; };
 
 template <Storage S>
 inline auto load(const typename Elem<S>::T* p, int64_t i) {
+#if defined(__F16C__)
+  // One vcvtph2ps (exact, as the bit-level form): the bit-level form's branches kept GCC 12
+  // from vectorizing float16 loops without AVX-512, and they ran 3.5-8x float32's time.
+  if constexpr (S == Storage::kFloat16) return _cvtsh_ss(p[i]);
+#else
   if constexpr (S == Storage::kFloat16) return float16_to_float(p[i]);
+#endif
   else if constexpr (S == Storage::kBFloat16) return bfloat16_to_float(p[i]);
   else return p[i];
 }
