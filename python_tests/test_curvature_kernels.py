@@ -320,6 +320,22 @@ def test_block_gram_and_dots_match_float64(data, shapes, a, c, xdt, ydt):
             assert ((got.cpu().double() - want).abs() <= bound + 1e-300).all(), (name, got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpp_16_bit_loads_are_exact_for_every_finite_value(dtype):
+    """Every finite float16 / bfloat16 bit pattern (subnormals, signed zeros, extremes) read by
+    the C++ kernels' vectorized loops equals torch's conversion: block_dots of the values,
+    laid out as rows of 64, with one-hot rows picks each value exactly (one product by 1)."""
+    bits = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype)
+    vals = bits[torch.isfinite(bits.float())]
+    L = 64
+    rows = vals[: vals.numel() // L * L].reshape(-1, L)
+    for col in range(L):
+        onehot = torch.zeros(rows.shape, dtype=torch.float32)
+        onehot[:, col] = 1
+        got = ck.block_dots([rows], [onehot], [[0]], backend="cpp")[0]
+        assert torch.equal(got.double(), rows[:, col].double()), col
+
+
 def test_block_products_accept_strided_and_empty_tensors():
     X = [torch.randn(6, 3, dtype=torch.float64).T, torch.zeros(3, 0, dtype=torch.float64)]
     Y = [torch.randn(3, 6, dtype=torch.float64), torch.zeros(3, 0, dtype=torch.float64)]
