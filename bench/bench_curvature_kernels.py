@@ -15,6 +15,7 @@ On CPU the compiled C++ ops ("cpp") are timed against it, on CUDA the Triton ker
                            the next row written (the repeated calls take one full pass)
   combine                  64 rows times a 64 x 16 coefficient matrix (Triton on CUDA; on CPU
                            the library itself uses the torch path, so there is no other row)
+  (re)orthogonalize (bfloat16 / float16 basis)   the same against the rows stored in 16 bits
 
 Usage:
   python bench/bench_curvature_kernels.py [--device cpu|cuda] [--quick] [--models mlp,cnn]
@@ -75,6 +76,16 @@ def _cases(shapes, blocks, device):
         ("reorthogonalize", lambda be: ck.reorthogonalize_(w, basis, m, m - 2, out_row=m,
                                                            backend=be)),
         ("combine", lambda be: ck.combine(basis, m, coeffs, backend=be)),
+    ] + [case for dt in (torch.bfloat16, torch.float16)
+         for case in _low_precision_cases(w, [r.to(dt) for r in basis], m, str(dt)[6:])]
+
+
+def _low_precision_cases(w, basis, m: int, tag: str):
+    """The Gram-Schmidt steps against a basis stored in 16 bits (lanczos' basis_dtype)."""
+    return [
+        (f"orthogonalize ({tag} basis)", lambda be: ck.orthogonalize_(w, basis, m, 2, backend=be)),
+        (f"reorthogonalize ({tag} basis)",
+         lambda be: ck.reorthogonalize_(w, basis, m, m - 2, out_row=m, backend=be)),
     ]
 
 
