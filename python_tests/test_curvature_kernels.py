@@ -336,6 +336,20 @@ def test_cpp_16_bit_loads_are_exact_for_every_finite_value(dtype):
         assert torch.equal(got.double(), rows[:, col].double()), col
 
 
+def test_cpp_float16_row_writes_round_as_torch_casts():
+    """reorthogonalize_'s new row in a float16 basis, rounded in the kernel, equals torch's
+    float32 -> float16 cast of the same scaled values bit for bit: random values over the
+    half range (subnormal to overflow) and the midpoints between consecutive halves."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(20_000, generator=gen) * s for s in (1e-7, 1e-5, 1.0, 1e3, 7e4)])
+    halves = torch.arange(31744, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    x = torch.cat([x, ((halves[:-1].double() + halves[1:].double()) / 2).float()])
+    basis = [torch.zeros(2, x.numel(), dtype=torch.float16)]
+    _, after = ck.reorthogonalize_([x.clone()], basis, 1, 1, out_row=1, backend="cpp")
+    want = (x * torch.tensor(1 / math.sqrt(after), dtype=torch.float32)).to(torch.float16)
+    assert torch.equal(basis[0][1].view(torch.int16), want.view(torch.int16))
+
+
 def test_block_products_accept_strided_and_empty_tensors():
     X = [torch.randn(6, 3, dtype=torch.float64).T, torch.zeros(3, 0, dtype=torch.float64)]
     Y = [torch.randn(3, 6, dtype=torch.float64), torch.zeros(3, 0, dtype=torch.float64)]

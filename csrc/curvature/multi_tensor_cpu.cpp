@@ -59,7 +59,14 @@ inline void store(typename Elem<S>::T* p, int64_t i, V v) {
   if constexpr (S == Storage::kFloat64) p[i] = static_cast<double>(v);
   else if constexpr (S == Storage::kFloat32) p[i] = static_cast<float>(v);
   else if constexpr (S == Storage::kBFloat16) p[i] = float_to_bfloat16(static_cast<float>(v));
+#if defined(__F16C__) && defined(__FLT16_MAX__)
+  else {  // vcvtps2ph, round to nearest even as torch's vectorized casts (NaN stays NaN)
+    const _Float16 h = static_cast<_Float16>(static_cast<float>(v));
+    std::memcpy(p + i, &h, sizeof h);
+  }
+#else
   else p[i] = float_to_float16(static_cast<float>(v));
+#endif
 }
 
 // Calls f.template operator()<S>() for the runtime storage type.
