@@ -53,7 +53,7 @@ def make_operator(kind: str, model, loss_fn, batch):
 
 def hessian_kind(quick: bool) -> str:
     """The Hessian the estimator rows use: 'auto' (the default a user gets); double backward
-    in quick mode, which skips auto's build-and-time of both methods (seconds of tracing)."""
+    in quick mode, which skips building forward-over-reverse and auto's trials of both."""
     return "hessian:double_backward" if quick else "hessian"
 
 

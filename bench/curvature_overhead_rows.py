@@ -68,7 +68,7 @@ def overhead_rows(models=("mlp", "cnn", "transformer"), quick: bool = False,
             # Warm-up: build the operator and run products of the sizes estimators use until
             # 'auto' has chosen its path for each, so first-call costs and trials of slower
             # paths are not counted as overhead.
-            settle(op, (1, 2, 6, 16))
+            settle(op, (1, 2, 4, 6, 16))  # 4: SLQ's batches of probes
             walls, expected, inside, matvecs = [], [], [], None
             for _ in range(repeats):
                 op.reset_count()

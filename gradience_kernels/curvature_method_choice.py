@@ -82,9 +82,17 @@ class OnlineChoice:
         self.timings.setdefault(b, {}).setdefault(candidate, []).append(
             float(seconds_per_vector))
 
-    def drop(self, candidate: str) -> None:
-        """Forget a candidate that failed: its timings and any choice of it."""
-        for times in self.timings.values():
-            times.pop(candidate, None)
+    def drop(self, candidate: str, min_size: int = 1) -> None:
+        """Forget a candidate that failed, at batch sizes >= min_size (2: it failed only
+        batched): its timings and any choice of it there."""
+        for b, times in self.timings.items():
+            if b >= min_size:
+                times.pop(candidate, None)
+        for b in [b for b, c in self.choices.items() if c == candidate and b >= min_size]:
+            del self.choices[b]
+
+    def reopen(self, candidate: str) -> None:
+        """Undo the choices of ``candidate`` (their timings stay): for a fixed cost that
+        changed, such as the loop's when the single product's method failed."""
         for b in [b for b, c in self.choices.items() if c == candidate]:
             del self.choices[b]

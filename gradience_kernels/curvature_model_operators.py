@@ -296,8 +296,8 @@ class ModelOperator(CurvatureOperator):
         self._ready = False
 
     def prepare(self) -> "ModelOperator":
-        """Builds the cached state (graphs, per-sample gradients, method choice) now rather
-        than at the first product; timing code calls it before the clock starts."""
+        """Builds the cached state (graphs, per-sample gradients, closures) now rather than
+        at the first product; timing code calls it before the clock starts."""
         if not self._ready:
             with math_sdpa():
                 self._build()
@@ -365,6 +365,14 @@ def _import_func_transforms(dtype, device) -> None:
     tfunc.vmap(lambda v: tfunc.jvp(tfunc.grad(lambda p: (p * p).sum()), (x[0],), (v,))[1])(x)
 
 
+def _out_of_memory(err: Exception) -> bool:
+    """An allocation failure (CUDA's OutOfMemoryError, the CPU allocator's RuntimeError): the
+    size of the product's fault, not the method's, so 'auto' does not drop the method."""
+    text = str(err)
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or \
+        "not enough memory" in text
+
+
 def _zeros_for_none(grads, like):
     return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like)]
 
@@ -389,19 +397,22 @@ class HessianOperator(ModelOperator):
     fastest way to compute it from the timings of the products the caller asks for
     (``curvature_method_choice.OnlineChoice``): for one vector double backward or
     forward-over-reverse; for a batch either vmapped product or a loop of the chosen single
-    product (whose cost per vector is the single product's, so it needs no trial of its own:
-    on 1-2 CPU cores an HVP is compute-bound and the loop often wins, batched element-wise ops
-    falling out of cache). The first calls at each b go round the candidates (2 timed calls
-    each, interleaved; a path's first call ever, which pays lazy initialization, is not timed;
-    a candidate 1.5x slower than the best after one call is dropped), later calls use the
-    fastest. Every trial is one of the caller's products: no probe products are spent on the
-    choice (timing on probes at build cost 60 counted products per operator). ``choices`` maps b to the path chosen ("double_backward", "forward_over_reverse" or
-    "loop") and ``timings`` to the seconds per vector measured per path. Both methods' state
-    (the double-backward graph) is kept, since a new batch size can come at any time: force a
-    method to hold only its own. A method that fails to build or run (an op without
-    forward-mode AD or double backward) is left out, its exception kept in
-    ``method_errors``, and the product is redone by the other. A forced method serves every
-    product and is never timed.
+    product (whose cost per vector is the single product's, so it needs no trial of its own,
+    and batches run as that loop until the single product is chosen: on 1-2 CPU cores an HVP
+    is compute-bound and the loop often wins, batched element-wise ops falling out of cache).
+    The first calls at each b go round the candidates (2 timed calls each, interleaved; a
+    path's first call ever, which pays lazy initialization, is not timed; a candidate 1.5x
+    slower than the best after one call gets no second), later calls use the fastest. Every
+    trial is one of the caller's products: no probe products are spent on the choice (timing
+    on probes at build cost 60 counted products per operator). ``choices`` maps b to the path
+    chosen ("double_backward", "forward_over_reverse" or "loop") and ``timings`` to the
+    seconds per vector measured per path. Both methods' state (the double-backward graph) is
+    kept, since a new batch size can come at any time: force a method to hold only its own.
+    A method that fails to build or run (an op without forward-mode AD or double backward,
+    or without a batching rule) is left out, for single and batched products or for batched
+    ones only, its exception kept in ``method_errors`` (keys "<method>" and
+    "<method> (batched)"), and the product is redone another way; an allocation failure is
+    raised, not taken for the method's. A forced method serves every product, untimed.
     """
 
     _TRIALS = 2
@@ -520,28 +531,44 @@ class HessianOperator(ModelOperator):
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
+    def _usable(self, batched: bool) -> list[str]:
+        """The methods that have not failed: at build, or at run time for this kind of
+        product (a failure of a vmapped product leaves the method's single products)."""
+        return [m for m in self._METHODS if m not in self.method_errors
+                and not (batched and f"{m} (batched)" in self.method_errors)]
+
     def _chosen(self, V, batched: bool):
         b = V[0].shape[0] if batched else 1
         while True:
-            methods = [m for m in self._METHODS if m not in self.method_errors]
-            fixed = None
+            candidates, fixed = self._usable(batched), None
             if batched:
-                single = self.choice.best_time(1)
-                if single is None:  # the loop's cost is the single product's: learn it first
+                if 1 not in self.choice.choices or not candidates:
+                    # The loop costs what single products do: learn that first (its single
+                    # products are trials at b = 1). Or no vmapped product is left.
                     return self._product("loop", V, True)
-                fixed = {"loop": single}
-            path = self.choice.next(b, methods, fixed)
-            timed = b not in self.choice.choices and (path, batched) in self._warm
+                single = self.choice.best_time(1)
+                if single is None:  # one single method, chosen untimed: time the loop too
+                    candidates = candidates + ["loop"]
+                else:
+                    fixed = {"loop": single}
+            path = self.choice.next(b, candidates, fixed)
+            warm = path == "loop" or (path, batched) in self._warm
+            timed = b not in self.choice.choices and warm
             try:
                 t0 = self._clock() if timed else 0.0
                 out = self._product(path, V, batched)
                 if timed:
                     self.choice.record(b, path, (self._clock() - t0) / b)
             except Exception as err:  # noqa: BLE001  a method that fails on some input
-                if path == "loop" or len(methods) == 1:
-                    raise
-                self.method_errors[path] = err
-                self.choice.drop(path)
+                if path == "loop" or _out_of_memory(err) or not batched and len(candidates) == 1:
+                    raise  # nothing else to try, or a failure of resources, not of the method
+                if batched:
+                    self.method_errors[f"{path} (batched)"] = err
+                    self.choice.drop(path, min_size=2)
+                else:
+                    self.method_errors[path] = err
+                    self.choice.drop(path)
+                    self.choice.reopen("loop")  # its cost was the failed method's, maybe
                 continue
             self._warm.add((path, batched))
             return out

@@ -88,6 +88,8 @@ def test_bench_curvature_kernels_smoke(tmp_path):
     got = {(r["kernel"], r["backend"]) for r in rows}
     kernels = {"rademacher", "gaussian", "rademacher_dots", "block_dots", "block_gram",
                "orthogonalize", "reorthogonalize"}
+    kernels |= {f"{k} ({dt} basis)" for k in ("orthogonalize", "reorthogonalize")
+                for dt in ("bfloat16", "float16")}
     assert got == {(k, b) for k in kernels for b in ("torch", "cpp")} | {("combine", "torch")}
     for r in rows:
         assert r["model"] == "mlp" and r["ms"] > 0 and math.isfinite(r["torch_over_this"])

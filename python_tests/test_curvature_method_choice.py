@@ -76,3 +76,15 @@ def test_bad_arguments():
         OnlineChoice(prune=0.5)
     with pytest.raises(ValueError, match="candidates: expected at least one"):
         OnlineChoice().next(1, [])
+
+
+def test_drop_at_batch_sizes_and_reopen():
+    ch = OnlineChoice()
+    for b in (1, 4):
+        run(ch, b, ["a", "b"], {"a": [1.0, 1.0], "b": [0.5, 0.5]})
+    ch.drop("b", min_size=2)  # failed only batched: single choice and timings stay
+    assert ch.choices == {1: "b"} and ch.timings[1]["b"] == [0.5, 0.5]
+    assert "b" not in ch.timings[4]
+    ch.choices[4] = "loop"
+    ch.reopen("loop")
+    assert ch.choices == {1: "b"} and ch.timings[4] == {"a": [1.0]}

@@ -115,9 +115,9 @@ def settle(op, b, H, tol, calls=None) -> int:
         out = op.matmat(V) if b > 1 else [t[None] for t in op.matvec([t[0] for t in V])]
         assert_close(op.flatten(out), H[:, cols].T, tol)
         n += b
-        # per method a warm-up call (not timed) and <= _TRIALS timed ones; for a batch, a
-        # loop of single products first when no single product was timed yet
-        assert n <= b * (2 * (1 + co.HessianOperator._TRIALS) + (b > 1))
+        # per method a warm-up call (not timed) and <= _TRIALS timed ones, then the call that
+        # decides; for a batch, a loop of single products first when b = 1 was not decided
+        assert n <= b * (2 * (1 + co.HessianOperator._TRIALS) + 1 + (b > 1))
     return n
 
 
@@ -536,3 +536,56 @@ def test_double_backward_falls_back_to_a_loop_when_vmap_fails(monkeypatch):
     monkeypatch.setattr(torch.autograd, "grad", no_batching)
     assert_close(op.to_matrix(), H, tolerance(model, batch, H, torch.float64))
     assert op._db_batched_ok is False
+
+
+def _failing(fn, when):
+    """fn, raising RuntimeError where when(batched) holds (a method without some rule)."""
+    def wrapped(V, batched):
+        if when(batched):
+            raise RuntimeError("no rule for this op (test)")
+        return fn(V, batched)
+    return wrapped
+
+
+@pytest.mark.parametrize("broken", ["double_backward", "forward_over_reverse (batched)"])
+def test_auto_recovers_from_a_method_failing_at_run_time(broken):
+    """A method whose products fail only when run (double backward altogether, or the vmapped
+    forward-over-reverse) is left out where it fails, and every product is still exact: with
+    one single method left (chosen untimed), batches time the loop as a candidate."""
+    model, loss_fn, batch = problem("mlp")
+    H = reference("hessian", "mlp")
+    tol = tolerance(model, batch, H, torch.float64)
+    op = co.hessian(model, loss_fn, batch).prepare()
+    if broken == "double_backward":
+        op._db = _failing(op._db, lambda batched: True)
+    else:
+        op._for = _failing(op._for, lambda batched: batched)
+    asked = settle(op, 1, H, tol) + settle(op, 3, H, tol)
+    assert set(op.method_errors) == {broken} and op.matvecs == asked
+    if broken == "double_backward":
+        assert op.choices[1] == "forward_over_reverse" and op.timings.get(1, {}) == {}
+        assert op.choices[3] in ("forward_over_reverse", "loop")
+        assert set(op.timings[3]) == {"forward_over_reverse", "loop"}
+    else:
+        assert op.choices[1] in ("double_backward", "forward_over_reverse")
+        assert op.choices[3] in ("double_backward", "loop")
+        assert "forward_over_reverse" not in op.timings[3]
+    assert_close(op.to_matrix(), H, tol)
+
+
+def test_auto_raises_allocation_failures():
+    """Running out of memory is the product's size, not the method's fault: raised, and the
+    method stays."""
+    model, loss_fn, batch = problem("mlp")
+    op = co.hessian(model, loss_fn, batch).prepare()
+    db = op._db
+
+    def oom(V, batched):
+        raise torch.OutOfMemoryError("out of memory (test)")
+    op._db = oom
+    with pytest.raises(torch.OutOfMemoryError):
+        op.matvec([torch.ones(s, dtype=torch.float64) for s in op.shapes])
+    assert op.method_errors == {} and op.matvecs == 0
+    op._db = db
+    H = reference("hessian", "mlp")
+    settle(op, 1, H, tolerance(model, batch, H, torch.float64))
