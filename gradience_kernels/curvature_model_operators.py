@@ -406,8 +406,8 @@ class HessianOperator(ModelOperator):
     trial is one of the caller's products: no probe products are spent on the choice (timing
     on probes at build cost 60 counted products per operator). ``choices`` maps b to the path
     chosen ("double_backward", "forward_over_reverse" or "loop") and ``timings`` to the
-    seconds per vector measured per path. Both methods' state (the double-backward graph) is
-    kept, since a new batch size can come at any time: force a method to hold only its own.
+    seconds per vector measured per path. The double-backward graph is freed once no choice
+    uses it (and rebuilt if a later batch size's trials want it).
     A method that fails to build or run (an op without forward-mode AD or double backward,
     or without a batching rule) is left out, for single and batched products or for batched
     ones only, its exception kept in ``method_errors`` (keys "<method>" and
@@ -458,9 +458,11 @@ class HessianOperator(ModelOperator):
         # Gradient entries that do not depend on the parameters (None, or constant) have zero
         # second derivative: they are left out of the backward.
         self._live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        self._grads = [grads[i] for i in self._live]
+        self._grads: list[torch.Tensor] | None = [grads[i] for i in self._live]
 
     def _db(self, V: list[torch.Tensor], batched: bool) -> list[torch.Tensor]:
+        if self._grads is None:  # released by 'auto' (_release_unused), wanted again
+            self._build_double_backward()
         if not self._live:
             return [torch.zeros_like(v) for v in V]
         outs = [V[i] for i in self._live]
@@ -551,6 +553,7 @@ class HessianOperator(ModelOperator):
                     candidates = candidates + ["loop"]
                 else:
                     fixed = {"loop": single}
+            decided = set(self.choice.choices)
             path = self.choice.next(b, candidates, fixed)
             warm = path == "loop" or (path, batched) in self._warm
             timed = b not in self.choice.choices and warm
@@ -571,7 +574,22 @@ class HessianOperator(ModelOperator):
                     self.choice.reopen("loop")  # its cost was the failed method's, maybe
                 continue
             self._warm.add((path, batched))
+            if b not in decided and b in self.choice.choices:
+                self._release_unused()
             return out
+
+    def _release_unused(self) -> None:
+        """Frees the double-backward graph (the gradient graph of the whole batch, kept for
+        its products) once the single product is chosen and no choice uses double backward:
+        forward-over-reverse keeps no state between products. A later batch size whose trials
+        want double backward rebuilds it (one forward and backward), its first call untimed."""
+        single = self.choice.choices.get(1)
+        if single is None or getattr(self, "_grads", None) is None:
+            return
+        uses = {single if c == "loop" else c for c in self.choice.choices.values()}
+        if "double_backward" not in uses:
+            self._grads = self._leaves = None
+            self._warm -= {("double_backward", False), ("double_backward", True)}
 
     def _single(self, v):
         if self.method != "auto":

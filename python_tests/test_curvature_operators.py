@@ -589,3 +589,23 @@ def test_auto_raises_allocation_failures():
     op._db = db
     H = reference("hessian", "mlp")
     settle(op, 1, H, tolerance(model, batch, H, torch.float64))
+
+
+def test_auto_frees_the_double_backward_graph_when_no_choice_uses_it():
+    """Forward-over-reverse keeps no state between products; the double-backward graph (the
+    batch's whole gradient graph) is freed once no choice uses it, and rebuilt, exact, when a
+    later batch size's trials want it."""
+    model, loss_fn, batch = problem("mlp")
+    H = reference("hessian", "mlp")
+    tol = tolerance(model, batch, H, torch.float64)
+    op = co.hessian(model, loss_fn, batch).prepare()
+    settle(op, 1, H, tol)
+    op.choice.choices.update({1: "forward_over_reverse", 2: "loop"})  # as if it had won
+    op._release_unused()
+    assert op._grads is None
+    settle(op, 2, H, tol, calls=2)  # the loop of forward-over-reverse products: no graph
+    assert op._grads is None
+    settle(op, 3, H, tol)  # trials of both vmapped products: double backward rebuilt
+    uses = {op.choices[1] if c == "loop" else c for c in op.choices.values()}
+    assert (op._grads is None) == ("double_backward" not in uses)
+    assert_close(op.to_matrix(), H, tol)
