@@ -357,11 +357,13 @@ def _linearize(fn, primals):
         return tfunc.linearize(fn, primals)
 
 
-def _import_func_transforms(dtype, device) -> None:
+def _import_func_transforms(device) -> None:
     """A vmapped jvp of a grad on a 2-vector: the first such call in a process imports what
     torch.func's transforms need (1.8 s measured), which would otherwise land in the first
-    product (an untimed trial of 'auto', but wall time of the caller's first estimator)."""
-    x = torch.zeros(2, 2, dtype=dtype, device=device)
+    product (an untimed trial of 'auto', but wall time of the caller's first estimator).
+    float32 whatever the model's dtype: the imports do not depend on it, and every device
+    computes in float32."""
+    x = torch.zeros(2, 2, device=device)
     tfunc.vmap(lambda v: tfunc.jvp(tfunc.grad(lambda p: (p * p).sum()), (x[0],), (v,))[1])(x)
 
 
@@ -492,7 +494,7 @@ class HessianOperator(ModelOperator):
         def hvp(v):
             return tfunc.jvp(grad_fn, (p.primals, *y_primal), (v, *y_tangent))[1]
         self._for_single, self._for_batched = hvp, tfunc.vmap(hvp)
-        _import_func_transforms(self.dtype, self.device)
+        _import_func_transforms(self.device)
         traced = (self._traced_products(lambda params: grad_fn(params, *y_primal),
                                         lambda lin: (lin, tfunc.vmap(lin)))
                   if self.linearize else None)
