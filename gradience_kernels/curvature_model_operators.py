@@ -422,8 +422,7 @@ class HessianOperator(ModelOperator):
     _METHODS = ("double_backward", "forward_over_reverse")
 
     def __init__(self, problem: ModelProblem, method: str = "auto", linearize: bool = False):
-        if method not in HESSIAN_METHODS:
-            raise ValueError(f"method: expected one of {HESSIAN_METHODS}, got {_describe(method)}")
+        _check_method(method)
         super().__init__(problem)
         self.method = method
         self.linearize = linearize
@@ -555,7 +554,7 @@ class HessianOperator(ModelOperator):
                     candidates = candidates + ["loop"]
                 else:
                     fixed = {"loop": single}
-            decided = set(self.choice.choices)
+            was_decided = b in self.choice.choices
             path = self.choice.next(b, candidates, fixed)
             warm = path == "loop" or (path, batched) in self._warm
             timed = b not in self.choice.choices and warm
@@ -576,7 +575,7 @@ class HessianOperator(ModelOperator):
                     self.choice.reopen("loop")  # its cost was the failed method's, maybe
                 continue
             self._warm.add((path, batched))
-            if b not in decided and b in self.choice.choices:
+            if not was_decided and b in self.choice.choices:  # this call made the choice
                 self._release_unused()
             return out
 
@@ -716,8 +715,7 @@ def hessian(model: nn.Module, loss_fn: Callable, batch, params: ParamSelection =
         method: "auto", "double_backward" or "forward_over_reverse".
         linearize: trace the forward-over-reverse product once (``torch.func.linearize``).
     """
-    if method not in HESSIAN_METHODS:
-        raise ValueError(f"method: expected one of {HESSIAN_METHODS}, got {_describe(method)}")
+    _check_method(method)  # before the problem is built
     _check_flag("linearize", linearize)
     problem = _problem(model, loss_fn, batch, params, blocks)
     return HessianOperator(problem, method, linearize)
@@ -740,6 +738,11 @@ def empirical_fisher(model: nn.Module, loss_fn: Callable, batch, params: ParamSe
     check_chunk_size(chunk_size)
     return FisherOperator(_problem(model, loss_fn, batch, params, blocks, per_sample=True),
                           chunk_size)
+
+
+def _check_method(method) -> None:
+    if method not in HESSIAN_METHODS:
+        raise ValueError(f"method: expected one of {HESSIAN_METHODS}, got {_describe(method)}")
 
 
 def _check_flag(name: str, value) -> None:

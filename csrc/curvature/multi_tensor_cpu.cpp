@@ -35,9 +35,17 @@ template <> struct Elem<Storage::kBFloat16> { using T = uint16_t; };
 template <> struct Elem<Storage::kFloat32> { using T = float; };
 template <> struct Elem<Storage::kFloat64> { using T = double; };
 
+// The compiler's _Float16 with F16C conversions (vcvtph2ps / vcvtps2ph, vectorized by GCC);
+// otherwise the bit-level forms of half_float.h.
+#if defined(__F16C__) && defined(__FLT16_MAX__)
+#define GRADIENCE_F16C_FLOAT16 1
+#else
+#define GRADIENCE_F16C_FLOAT16 0
+#endif
+
 template <Storage S>
 inline auto load(const typename Elem<S>::T* p, int64_t i) {
-#if defined(__F16C__) && defined(__FLT16_MAX__)
+#if GRADIENCE_F16C_FLOAT16
   // Through the compiler's _Float16, which vectorizes to vcvtph2ps (exact, as the bit-level
   // form): the bit-level form's branches kept GCC 12 from vectorizing float16 loops without
   // AVX-512, and they ran 3.5-8x float32's time on an AVX2 machine.
@@ -59,7 +67,7 @@ inline void store(typename Elem<S>::T* p, int64_t i, V v) {
   if constexpr (S == Storage::kFloat64) p[i] = static_cast<double>(v);
   else if constexpr (S == Storage::kFloat32) p[i] = static_cast<float>(v);
   else if constexpr (S == Storage::kBFloat16) p[i] = float_to_bfloat16(static_cast<float>(v));
-#if defined(__F16C__) && defined(__FLT16_MAX__)
+#if GRADIENCE_F16C_FLOAT16
   else {  // vcvtps2ph, round to nearest even as torch's vectorized casts (NaN stays NaN)
     const _Float16 h = static_cast<_Float16>(static_cast<float>(v));
     std::memcpy(p + i, &h, sizeof h);
