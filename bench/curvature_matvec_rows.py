@@ -1,12 +1,17 @@
 """Rows of the curvature benchmark for the operators' products (composed into
 bench/bench_curvature.py), and the shared helpers of its other row sets.
 
-matvec rows: for each model and operator (Hessian with method 'auto', which times both HVP
-methods on 4 vectors at its first product and keeps the faster; the Hessian by the other
-method; GGN; empirical Fisher), the time per vector of one batched product ``op.matmat(V)`` on
-b probe vectors (torch.func.vmap inside the operator) against b single ``op.matvec(v)`` calls
-in a Python loop, and the largest difference between the two results (relative to the largest
-entry): the speed-up is only worth something when the numbers are the same.
+matvec rows: for each model and operator (Hessian with method 'auto', whose products choose
+their path online, per batch size, settled here before the clock; the Hessian by the other
+method; the Hessian by forward-over-reverse with ``linearize=True``, which traces the jvp once
+and then runs only its tangent part; GGN; empirical Fisher), the time per vector of one batched
+product ``op.matmat(V)`` on b probe vectors (torch.func.vmap inside the operator) against b
+single ``op.matvec(v)`` calls in a Python loop, and the largest difference between the two
+results (relative to the largest entry): the speed-up is only worth something when the numbers
+are the same. The linearized row also times auto's loop in the same interleaved repeats
+(``vs_auto_looped``: what a user who opts in gains per vector over the default's loop) and
+reports the trace's cost (``build_s``, the first product) and the number of vectors after
+which it has paid for itself (``break_even_vectors``).
 
 Helpers used by the other row sets: ``problem`` (a toy model's operator set-up),
 ``probes`` (Rademacher probe batches), ``MatmatTimer`` (records every product an estimator
@@ -44,10 +49,12 @@ def problem(name: str, quick: bool, seed: int = 0):
 
 
 def make_operator(kind: str, model, loss_fn, batch):
-    """kind: 'hessian' (method 'auto'), 'hessian:<method>', 'ggn' or 'empirical_fisher'."""
+    """kind: 'hessian' (method 'auto'), 'hessian:<method>', 'hessian:<method>+linearize',
+    'ggn' or 'empirical_fisher'."""
     if kind.startswith("hessian"):
         method = kind.split(":", 1)[1] if ":" in kind else "auto"
-        return co.hessian(model, loss_fn, batch, method=method)
+        method, plus, _ = method.partition("+linearize")
+        return co.hessian(model, loss_fn, batch, method=method, linearize=bool(plus))
     return getattr(co, kind)(model, loss_fn, batch)
 
 
@@ -128,9 +135,10 @@ def matvec_rows(models=("mlp", "cnn", "transformer"), quick: bool = False,
         model, loss_fn, batch, facts = problem(name, quick)
         # 'auto' (what a user gets) and the method it did not choose (the chosen one is the
         # 'auto' row); quick mode: double backward only (auto builds and times both methods).
-        kinds = [hessian_kind(quick)] + ([] if quick else ["hessian:other"])
+        kinds = [hessian_kind(quick)] + ([] if quick else [
+            "hessian:other", "hessian:forward_over_reverse+linearize"])
         kinds += ["ggn", "empirical_fisher"]
-        chosen = None
+        chosen, auto_looped = None, None
         for kind in kinds:
             if kind == "hessian:other":
                 kind = "hessian:" + next(m for m in HESSIAN_METHODS if m != chosen)
@@ -138,29 +146,45 @@ def matvec_rows(models=("mlp", "cnn", "transformer"), quick: bool = False,
             V = probes(op, b)
             singles = [[t[i] for t in V] for i in range(b)]
 
-            def batched():
+            def batched(op=op, V=V):
                 return op.matmat(V)
 
-            def looped():
+            def looped(op=op, singles=singles):
                 return [op.matvec(v) for v in singles]
 
+            t0 = time.perf_counter()
+            op.matvec(singles[0])  # the first product builds the operator (and the trace)
+            build_s = time.perf_counter() - t0
             settle(op, (1, b))  # 'auto': its trials are over before the clock starts
             out_b, out_l = batched(), looped()  # warm-up, and the agreement check
             diff = _rel_diff(out_b, [torch.stack([o[j] for o in out_l]) for j in
                                      range(len(op.shapes))])
             # interleaved repeats: the noise of a shared machine falls on both sides
-            med = harness.time_interleaved({"batched": batched, "looped": looped}, repeats)
+            fns = {"batched": batched, "looped": looped}
+            linearized = kind.endswith("+linearize")
+            if linearized and auto_looped is not None:
+                fns["auto_looped"] = auto_looped
+            med = harness.time_interleaved(fns, repeats)
             mb, ml = med["batched"] / b, med["looped"] / b
             auto = kind == "hessian"
             if auto:  # the other row: the method auto's batches do not use
                 chosen = op.choices[b] if op.choices[b] != "loop" else op.single_method
+                auto_looped = looped
+            extra = {}
+            if linearized:
+                extra = {"linearized": op.linearized, "build_s": build_s}
+                if "auto_looped" in med:
+                    ma = med["auto_looped"] / b
+                    extra.update({"auto_looped_ms_per_vec": 1e3 * ma, "vs_auto_looped": ma / mb,
+                                  "break_even_vectors": (build_s / (ma - mb) if ma > mb
+                                                         else None)})
             row = {**facts, "operator": kind,
                    "hvp_method": (f"{op.single_method} / {op.choices[b]}" if auto
                                   else getattr(op, "method", None)),
                    "auto_timings_ms": ({n: {k: 1e3 * v for k, v in op.timings[n].items()}
                                         for n in (1, b)} if auto else None),
                    "vectors": b, "batched_ms_per_vec": 1e3 * mb, "looped_ms_per_vec": 1e3 * ml,
-                   "speedup": ml / mb, "max_rel_diff": diff}
+                   "speedup": ml / mb, "max_rel_diff": diff, **extra}
             rows.append(row)
     return rows
 
@@ -169,4 +193,5 @@ COLUMNS = [("model", "model", ""), ("parameters", "P", ""), ("operator", "operat
            ("hvp_method", "HVP method", ""), ("vectors", "b", ""),
            ("batched_ms_per_vec", "batched ms/vec", ".2f"),
            ("looped_ms_per_vec", "looped ms/vec", ".2f"), ("speedup", "looped/batched", ".2f"),
+           ("vs_auto_looped", "auto loop/batched", ".2f"), ("build_s", "build s", ".2f"),
            ("max_rel_diff", "max rel diff", ".1e")]

@@ -403,7 +403,8 @@ class HessianOperator(ModelOperator):
     and batches run as that loop until the single product is chosen: on 1-2 CPU cores an HVP
     is compute-bound and the loop often wins, batched element-wise ops falling out of cache).
     The first calls at each b go round the candidates (2 timed calls each, interleaved; a
-    path's first call ever, which pays lazy initialization, is not timed; a candidate 1.5x
+    path's first call at each b is not timed: it pays lazy initialization and the allocator's
+    growth to the new sizes, measured 1.2-1.4x a later call at b = 16; a candidate 1.5x
     slower than the best after one call gets no second), later calls use the fastest. Every
     trial is one of the caller's products: no probe products are spent on the choice (timing
     on probes at build cost 60 counted products per operator). ``choices`` maps b to the path
@@ -430,7 +431,7 @@ class HessianOperator(ModelOperator):
         self.method_errors: dict[str, Exception] = {}
         self.linearized: bool | None = None
         self._db_batched_ok = True
-        self._warm: set[tuple[str, bool]] = set()
+        self._warm: set[tuple[str, int]] = set()  # (path, b) that have run once
 
     @property
     def choices(self) -> dict[int, str]:
@@ -556,7 +557,7 @@ class HessianOperator(ModelOperator):
                     fixed = {"loop": single}
             was_decided = b in self.choice.choices
             path = self.choice.next(b, candidates, fixed)
-            warm = path == "loop" or (path, batched) in self._warm
+            warm = path == "loop" or (path, b) in self._warm
             timed = b not in self.choice.choices and warm
             try:
                 t0 = self._clock() if timed else 0.0
@@ -574,7 +575,7 @@ class HessianOperator(ModelOperator):
                     self.choice.drop(path)
                     self.choice.reopen("loop")  # its cost was the failed method's, maybe
                 continue
-            self._warm.add((path, batched))
+            self._warm.add((path, b))
             if not was_decided and b in self.choice.choices:  # this call made the choice
                 self._release_unused()
             return out
@@ -590,7 +591,7 @@ class HessianOperator(ModelOperator):
         uses = {single if c == "loop" else c for c in self.choice.choices.values()}
         if "double_backward" not in uses:
             self._grads = self._leaves = None
-            self._warm -= {("double_backward", False), ("double_backward", True)}
+            self._warm = {(path, b) for path, b in self._warm if path != "double_backward"}
 
     def _single(self, v):
         if self.method != "auto":
