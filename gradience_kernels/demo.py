@@ -168,7 +168,7 @@ def run_demo(n: int = 10**7, seed: int = 0) -> None:
     print(format_spectra_table(spectra_table(seed)))
     from .demo_curvature import curvature_rows, format_curvature
 
-    print(f"\nCurvature of the MLP's loss after 20 SGD steps (Hessian-vector products)")
+    print("\nCurvature of the MLP's loss after 20 SGD steps (Hessian-vector products)")
     print(format_curvature(curvature_rows(seed)))
 
 

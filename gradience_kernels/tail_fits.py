@@ -12,7 +12,6 @@ import math
 from typing import NamedTuple
 
 import numpy as np
-import torch
 
 from . import _sample
 from .tail import TensorOrList, _as_sample, _k_arguments, float64_quantiles, tail_stats

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import _sample
-from .tail import TensorOrList, _as_sample, moment_estimator, hill, tail_stats
+from .tail import TensorOrList, _as_sample, moment_estimator, hill
 from .tail_inference import (Interval, LikelihoodRatio, hill_interval, moment_interval,
                              moment_variance, normal_quantile, power_law_vs_exponential)
 
