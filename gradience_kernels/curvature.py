@@ -1,8 +1,8 @@
 """Curvature of a model's loss with matrix-vector products (DESIGN.md 3.3): the public API of
 the curvature modules, in one place.
 
-- operators (curvature_operators.py, curvature_model_operators.py): ``hessian``, ``ggn``,
-  ``empirical_fisher`` over all or some parameters, per-layer blocks, counted matvecs;
+- operators (curvature_operators.py, curvature_model_operators.py, curvature_hessian.py,
+  curvature_model_problem.py): ``hessian``, ``ggn``, ``empirical_fisher`` over all or some parameters, per-layer blocks, counted matvecs;
 - trace (curvature_trace.py): ``hutchinson``, ``hutchpp``, ``xtrace``, ``estimate_trace``;
 - eigenvalues (curvature_eigen.py): ``lanczos``, ``power_iteration``, ``stability_margin``,
   ``slq_density``;

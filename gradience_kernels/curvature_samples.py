@@ -15,7 +15,7 @@ multiplied tensor by tensor (``curvature_kernels.block_gram``).
 - ``fisher_trace``: tr(F) = (1/N) sum_i ||g_i||^2 exactly, per block too, in one streaming
   pass (no N x P storage); ``fisher_eigs``: the top-k eigenvalues of F from G G^T / N.
 
-Conventions (batch, params, SDPA math kernel): curvature_model_operators.py.
+Conventions (batch, params, SDPA math kernel): curvature_model_problem.py.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import torch.func as tfunc
 from torch import nn
 
 from .curvature_kernels import block_dots, block_gram
-from .curvature_model_operators import (BlockSpec, ModelProblem, ParamSelection, _describe,
-                                        check_chunk_size, default_chunk, math_sdpa,
-                                        per_sample_gradient_chunks)
+from .curvature_model_problem import (BlockSpec, ModelProblem, ParamSelection, _describe,
+                                      check_chunk_size, default_chunk, math_sdpa,
+                                      per_sample_gradient_chunks)
 
 __all__ = ["per_sample_gradients", "ntk_gram", "gradient_gram", "gram_eigenvalues",
            "gram_logdet", "fisher_trace", "fisher_eigs", "FisherTrace"]

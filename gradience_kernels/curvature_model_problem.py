@@ -1,0 +1,352 @@
+"""Curvature operators of a model, a loss and a batch: Hessian, generalized Gauss-Newton and
+empirical Fisher, over all or a chosen subset of the parameters, grouped in blocks.
+
+Conventions (shared with curvature_samples.py and the references in python_tests/reference.py):
+- ``batch = (inputs, targets)``; ``inputs`` is a tensor or a tuple of tensors, the model is
+  called as ``model(inputs)`` or ``model(*inputs)``; ``targets`` is a tensor (or None) passed
+  as the second argument of ``loss_fn(output, targets)``, a scalar mean over the batch.
+  Per-sample quantities (Fisher, Grams) slice every input tensor and the targets along dim 0
+  and evaluate ``loss_fn(model(x_i[None]), y_i[None])``.
+- The operator's space: the selected parameters, in ``model.named_parameters()`` order; vectors
+  are lists of tensors shaped like them (curvature_operators.py). Unselected parameters are
+  held fixed.
+- The model is evaluated with ``torch.func.functional_call`` on the parameters' own storage
+  (``p.detach()``: no copy). Buffers pass through as they are; when a module is in training
+  mode each forward gets fresh private clones of them, so a layer that updates its buffers
+  (BatchNorm's running statistics) never changes the user's model. Layers that couple
+  samples or draw random numbers (BatchNorm in train mode, dropout) make per-sample
+  gradients ill-defined and products non-reproducible: call ``model.eval()`` first.
+- An operator is a snapshot of the parameters and the batch at its first product: the graphs
+  and the per-sample gradients it caches are not recomputed. Build a new one after an
+  optimizer step.
+- SDPA: every forward runs inside ``sdpa_kernel([SDPBackend.MATH])``: the fused CPU/CUDA
+  attention kernels implement neither double backward nor forward-mode AD, the math kernel
+  is plain differentiable torch ops.
+
+This module holds what every model operator (curvature_model_operators, curvature_hessian) and
+the sample-space kernels (curvature_samples) share: the problem (model, loss, batch, parameter
+selection and blocks), per-sample gradients in chunks, and the base operator class.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.func as tfunc
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .curvature_operators import Block, CurvatureOperator
+
+ParamSelection = Sequence[str] | Callable[[str, torch.Tensor], bool] | None
+BlockSpec = str | dict
+
+def math_sdpa() -> contextlib.AbstractContextManager:
+    """The context every curvature computation runs in: SDPA on its math kernel (the fused
+    kernels have no double backward and no forward AD), gradients enabled (the operators are
+    also used under an outer ``torch.no_grad()``)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+    stack.enter_context(torch.enable_grad())
+    return stack
+
+
+def _describe(x) -> str:
+    if torch.is_tensor(x):
+        return f"Tensor(shape={list(x.shape)}, dtype={x.dtype}, device={x.device})"
+    text = repr(x)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ------------------------------------------------------------------------------- problem
+class ModelProblem:
+    """A validated (model, loss_fn, batch, parameter selection, blocks) and the functional
+    forms the operators differentiate. All argument checks happen here, before any work."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable | None, batch=None, params:
+                 ParamSelection = None, blocks: BlockSpec = "module", *, inputs=None,
+                 per_sample: bool = False):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {_describe(model)}")
+        self.model = model
+        if batch is not None:
+            if loss_fn is None or not callable(loss_fn):
+                raise TypeError(f"loss_fn: expected a callable loss_fn(output, targets), got "
+                                f"{_describe(loss_fn)}")
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                raise ValueError(f"batch: expected a pair (inputs, targets), got "
+                                 f"{_describe(batch)}")
+            inputs, targets = batch
+            if targets is not None and not torch.is_tensor(targets):
+                raise TypeError(f"batch: targets must be a tensor or None, got "
+                                f"{_describe(targets)}")
+        else:
+            targets = None
+        self.loss_fn = loss_fn
+        self.inputs_is_tuple = isinstance(inputs, (tuple, list))
+        xs = tuple(inputs) if self.inputs_is_tuple else (inputs,)
+        if not xs:
+            raise ValueError("batch: inputs is an empty tuple")
+        for i, x in enumerate(xs):
+            if not torch.is_tensor(x):
+                raise TypeError(f"batch: inputs[{i}] must be a tensor, got {_describe(x)}")
+        self.inputs = xs
+        self.targets = targets
+
+        named = list(model.named_parameters())
+        self.names = self._select(named, params)
+        by_name = dict(named)
+        selected = [by_name[n] for n in self.names]
+        self.dtype = selected[0].dtype
+        self.device = selected[0].device
+        for n, p in zip(self.names, selected):
+            if not p.is_floating_point():
+                raise TypeError(f"params: parameter {n!r} has dtype {p.dtype}; curvature needs "
+                                "floating-point parameters")
+            if p.dtype != self.dtype:
+                raise TypeError(f"params: parameter {n!r} has dtype {p.dtype}, "
+                                f"{self.names[0]!r} has {self.dtype}: select parameters of "
+                                "one dtype")
+            if p.device != self.device:
+                raise ValueError(f"params: parameter {n!r} is on {p.device}, {self.names[0]!r} "
+                                 f"on {self.device}: select parameters on one device")
+        tensors = list(xs) + ([targets] if targets is not None else [])
+        for i, t in enumerate(tensors):
+            what = f"inputs[{i}]" if i < len(xs) else "targets"
+            if t.device != self.device:
+                raise ValueError(f"batch: {what} is on {t.device}, the parameters on "
+                                 f"{self.device}")
+            if i < len(xs) and t.is_floating_point() and t.dtype != self.dtype:
+                raise TypeError(f"batch: {what} has dtype {t.dtype}, the parameters "
+                                f"{self.dtype}: cast the inputs (or the model)")
+        if per_sample:
+            n = xs[0].shape[0] if xs[0].dim() else 0
+            for i, t in enumerate(tensors):
+                what = f"inputs[{i}]" if i < len(xs) else "targets"
+                if t.dim() == 0 or t.shape[0] != n:
+                    raise ValueError(f"batch: per-sample gradients slice dim 0 of every input "
+                                     f"and the targets; {what} has shape {list(t.shape)}, "
+                                     f"inputs[0] {list(xs[0].shape)}")
+            if n == 0:
+                raise ValueError("batch: has no samples (inputs[0] has 0 rows)")
+        self.num_samples = xs[0].shape[0] if xs[0].dim() else None
+
+        self.blocks = self._blocks(blocks)
+        self.shapes = [p.shape for p in selected]
+        # The parameters' own storage (detach shares it): no copy, nothing written back.
+        self.primals = {n: p.detach() for n, p in zip(self.names, selected)}
+        chosen = set(self.names)
+        self.fixed = {n: p.detach() for n, p in named if n not in chosen}
+        # A module in training mode may update its buffers in the forward (BatchNorm's
+        # running statistics): each forward then gets fresh private clones, created inside
+        # the transformed function (torch.func forbids mutating captured tensors), so the
+        # user's buffers never change. In eval mode buffers are passed through as they are.
+        self.buffers = {n: b.detach() for n, b in model.named_buffers()}
+        self.clone_buffers = bool(self.buffers) and any(m.training for m in model.modules())
+
+    @staticmethod
+    def _select(named, params) -> list[str]:
+        if params is None:
+            names = [n for n, p in named if p.requires_grad]
+        elif callable(params):
+            names = [n for n, p in named if params(n, p)]
+        elif isinstance(params, str) or not isinstance(params, Sequence):
+            raise TypeError(f"params: expected None, a list of parameter names or a callable "
+                            f"(name, param) -> bool, got {_describe(params)}")
+        else:
+            wanted = list(params)
+            have = {n for n, _ in named}
+            bad = [w for w in wanted if not isinstance(w, str)]
+            if bad:
+                raise TypeError(f"params: names must be strings, got {_describe(bad[0])}")
+            unknown = [w for w in wanted if w not in have]
+            if unknown:
+                raise ValueError(f"params: unknown parameter name(s) {unknown}; the model has "
+                                 f"{[n for n, _ in named]}")
+            dup = sorted({w for w in wanted if wanted.count(w) > 1})
+            if dup:
+                raise ValueError(f"params: duplicate name(s) {dup}")
+            names = [n for n, _ in named if n in set(wanted)]
+        if not names:
+            raise ValueError(f"params: the selection {_describe(params)} selects no parameter "
+                             "of the model")
+        return names
+
+    def _blocks(self, spec) -> list[Block]:
+        index = {n: i for i, n in enumerate(self.names)}
+        if isinstance(spec, str):
+            if spec == "tensor":
+                return [Block(n, (i,)) for i, n in enumerate(self.names)]
+            if spec == "all":
+                return [Block("all", tuple(range(len(self.names))))]
+            if spec == "module":
+                groups: dict[str, list[int]] = {}
+                for i, n in enumerate(self.names):
+                    groups.setdefault(n.rpartition(".")[0] or "<root>", []).append(i)
+                return [Block(k, tuple(v)) for k, v in groups.items()]
+        elif isinstance(spec, dict):
+            out, seen = [], {}
+            for bname, members in spec.items():
+                if isinstance(members, str) or not isinstance(members, Sequence) or not members:
+                    raise ValueError(f"blocks: block {bname!r} must be a non-empty list of "
+                                     f"parameter names, got {_describe(members)}")
+                for m in members:
+                    if m not in index:
+                        raise ValueError(f"blocks: block {bname!r} names {m!r}, which is not a "
+                                         f"selected parameter (selected: {self.names})")
+                    if m in seen:
+                        raise ValueError(f"blocks: parameter {m!r} is in blocks {seen[m]!r} "
+                                         f"and {bname!r}")
+                    seen[m] = bname
+                out.append(Block(str(bname), tuple(sorted(index[m] for m in members))))
+            missing = [n for n in self.names if n not in seen]
+            if missing:
+                raise ValueError(f"blocks: selected parameter(s) {missing} are in no block")
+            return out
+        raise ValueError(f"blocks: expected 'module', 'tensor', 'all' or a dict block name -> "
+                         f"parameter names, got {_describe(spec)}")
+
+    # -- functional forms (params: dict name -> tensor of the selected parameters) ---------
+    def call(self, params: dict, inputs: tuple | None = None):
+        xs = self.inputs if inputs is None else inputs
+        if self.clone_buffers:
+            buffers = {n: b.clone() for n, b in self.buffers.items()}
+        else:
+            buffers = self.buffers
+        return tfunc.functional_call(self.model, {**self.fixed, **buffers, **params}, xs)
+
+    def loss(self, params: dict):
+        return self.loss_fn(self.call(params), self.targets)
+
+    def forward_ad_targets(self) -> tuple[tuple, tuple]:
+        """(primals, tangents) that make the targets an explicit input of a jvp with a
+        materialized zero tangent. Works around PyTorch issue #123996: forward-over-reverse
+        through F.mse_loss with a tangent-free target hits "ZeroTensors are immutable" (the
+        in-place division of mse_loss_double_backward). Empty for non-float targets."""
+        y = self.targets
+        if torch.is_tensor(y) and y.is_floating_point():
+            return (y,), (torch.zeros_like(y),)
+        return (), ()
+
+    def sample_loss(self, params: dict, xs: tuple, y):
+        """The loss of one sample (slices without their batch dim, as vmap passes them)."""
+        out = self.call(params, tuple(x.unsqueeze(0) for x in xs))
+        return self.loss_fn(out, None if y is None else y.unsqueeze(0))
+
+    def as_dict(self, tensors: Sequence[torch.Tensor]) -> dict:
+        return dict(zip(self.names, tensors))
+
+    def as_list(self, d: dict) -> list[torch.Tensor]:
+        return [d[n] for n in self.names]
+
+
+def default_chunk(num_samples: int, per_sample_numel: int, itemsize: int,
+                  budget_bytes: int = 1 << 28) -> int:
+    """Samples per vmap chunk so that one chunk's per-sample results stay under
+    `budget_bytes` (256 MiB): the per-sample gradients/Jacobians dominate the memory."""
+    return max(1, min(num_samples, budget_bytes // max(1, per_sample_numel * itemsize)))
+
+
+def per_sample_gradient_chunks(problem: ModelProblem, chunk_size: int | None, start: int = 0,
+                               stop: int | None = None):
+    """Yields (begin, end, list of [end-begin, *shape] per-sample loss gradients) over the
+    samples start .. stop-1 in chunks of `chunk_size` (default ``default_chunk``)."""
+    n = problem.num_samples if stop is None else stop
+    chunk = chunk_size or default_chunk(n - start, sum(s.numel() for s in problem.shapes),
+                                        torch.empty(0, dtype=problem.dtype).element_size())
+    has_y = problem.targets is not None
+
+    def one(params, xs, y):
+        return tfunc.grad(problem.sample_loss)(params, xs, y)
+    batched = tfunc.vmap(one, in_dims=(None, 0, 0 if has_y else None))
+    for begin in range(start, n, chunk):
+        end = min(n, begin + chunk)
+        xs = tuple(x[begin:end] for x in problem.inputs)
+        y = problem.targets[begin:end] if has_y else None
+        with math_sdpa():  # per chunk: no global SDPA state is held across a yield
+            g = batched(problem.primals, xs, y)
+        yield begin, end, [g[k].detach() for k in problem.names]
+
+
+def check_chunk_size(chunk_size) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size: expected None or a positive int, got "
+                         f"{_describe(chunk_size)}")
+
+
+# ------------------------------------------------------------------------------- operators
+class ModelOperator(CurvatureOperator):
+    """Base of the model operators: lazy build (``prepare``) at the first product, dtype
+    check of vectors, matvec counting, SDPA math kernel around every product. A single
+    vector (``matvec``) takes an un-vmapped path; a batch (``matmat``) one vmapped call."""
+
+    def __init__(self, problem: ModelProblem):
+        super().__init__(problem.shapes, problem.dtype, problem.device, problem.blocks,
+                         problem.names)
+        self.problem = problem
+        self._ready = False
+
+    def prepare(self) -> "ModelOperator":
+        """Builds the cached state (graphs, per-sample gradients, closures) now rather than
+        at the first product; timing code calls it before the clock starts."""
+        if not self._ready:
+            with math_sdpa():
+                self._build()
+            self._ready = True
+        return self
+
+    def _build(self) -> None:
+        raise NotImplementedError
+
+    def _check(self, v, batched):
+        super()._check(v, batched)
+        for i, t in enumerate(v):
+            if t.dtype != self.dtype:
+                raise TypeError(f"vector[{i}] ({self.names[i]}): expected dtype {self.dtype} "
+                                f"(the parameters'), got {t.dtype}")
+
+    def _matmat(self, V):
+        self.prepare()
+        b = V[0].shape[0]
+        if b == 0:
+            return [torch.empty_like(t) for t in V]
+        with math_sdpa():
+            if b == 1:
+                out = [t.unsqueeze(0) for t in self._single([t[0] for t in V])]
+            else:
+                out = self._batched(V)
+        self.matvecs += b
+        return out
+
+    def _single(self, v: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [t[0] for t in self._batched([t.unsqueeze(0) for t in v])]
+
+    def _traced_products(self, fn, make):
+        """make(jv) = (single, batched) products with jv = the forward-mode linearization of fn
+        at the parameters, traced once; None when tracing or vmap over the traced graph fails
+        (tracing is an optimization: the caller keeps its plain jvp)."""
+        p = self.problem
+        try:
+            _, jv = _linearize(fn, p.primals)
+            one, many = make(jv)
+            probe = [torch.zeros(2, *s, dtype=self.dtype, device=self.device)
+                     for s in self.shapes]
+            many(p.as_dict(probe))  # vmap over the traced graph must work too
+            return one, many
+        except Exception:  # noqa: BLE001
+            return None
+
+    def _batched(self, V: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+
+def _linearize(fn, primals):
+    with warnings.catch_warnings():
+        # const_fold's "get_attr Node with no underlying reference" is internal to
+        # torch.func.linearize's tracing and harmless: not the user's concern.
+        warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
+        return tfunc.linearize(fn, primals)
