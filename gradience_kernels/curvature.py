@@ -2,10 +2,12 @@
 the curvature modules, in one place.
 
 - operators (curvature_operators.py, curvature_model_operators.py, curvature_hessian.py,
-  curvature_model_problem.py): ``hessian``, ``ggn``, ``empirical_fisher`` over all or some parameters, per-layer blocks, counted matvecs;
-- trace (curvature_trace.py): ``hutchinson``, ``hutchpp``, ``xtrace``, ``estimate_trace``;
-- eigenvalues (curvature_eigen.py): ``lanczos``, ``power_iteration``, ``stability_margin``,
-  ``slq_density``;
+  curvature_model_problem.py): ``hessian``, ``ggn``, ``empirical_fisher`` over all or some
+  parameters, per-layer blocks, counted matvecs;
+- trace (curvature_trace.py, curvature_hutchpp.py, curvature_xtrace.py): ``hutchinson``,
+  ``hutchpp``, ``xtrace``, ``estimate_trace``;
+- eigenvalues (curvature_eigen.py, curvature_lanczos.py, curvature_slq.py): ``lanczos``,
+  ``power_iteration``, ``stability_margin``, ``slq_density``;
 - sample space (curvature_samples.py): ``ntk_gram``, ``gradient_gram``, ``fisher_trace``,
   ``fisher_eigs``, ``gram_eigenvalues``, ``gram_logdet``, ``per_sample_gradients``;
 - the multi-tensor kernels behind them: curvature_kernels.py (Triton on CUDA, torch on CPU).
