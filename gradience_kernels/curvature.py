@@ -10,7 +10,8 @@ the curvature modules, in one place.
   ``power_iteration``, ``stability_margin``, ``slq_density``;
 - sample space (curvature_samples.py): ``ntk_gram``, ``gradient_gram``, ``fisher_trace``,
   ``fisher_eigs``, ``gram_eigenvalues``, ``gram_logdet``, ``per_sample_gradients``;
-- the multi-tensor kernels behind them: curvature_kernels.py (Triton on CUDA, torch on CPU).
+- the multi-tensor kernels behind them: curvature_kernels.py (Triton on CUDA, C++ on CPU, a
+  torch path as their reference).
 """
 
 from __future__ import annotations
