@@ -20,7 +20,7 @@ from .curvature_orthogonality import OrthogonalityEstimate
 # rounding noise: the Krylov space is invariant. Missing a breakdown is benign here (the noise
 # vector is orthogonalized against the basis and acts as a restart vector with a tiny coupling);
 # a false one drops a coupling below 64 eps ||A||, which moves eigenvalues by at most that
-# (Weyl), far below every tolerance this module uses.
+# (Weyl), far below every tolerance Lanczos and SLQ use.
 _BREAKDOWN_ULPS = 64.0
 # Second Gram-Schmidt pass only when the first removed more than 1 - 1/2 of the norm ("twice is
 # enough" with Kahan's criterion, Parlett 1998 sec. 6.9): cancellation of that size leaves
