@@ -8,6 +8,7 @@ import time
 
 import torch
 import torch.func as tfunc
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .curvature_method_choice import OnlineChoice
 from .curvature_model_problem import ModelOperator, ModelProblem, _describe
@@ -30,6 +31,36 @@ def _import_func_transforms(device) -> None:
     computes in float32."""
     x = torch.zeros(2, 2, device=device)
     tfunc.vmap(lambda v: tfunc.jvp(tfunc.grad(lambda p: (p * p).sum()), (x[0],), (v,))[1])(x)
+
+
+# torch.func.linearize of a gradient through these ops kills the process (a segmentation fault
+# in torch 2.13, reproduced with a bare nn.Linear and F.mse_loss, reduction mean or sum): there
+# is no exception for the fallback to plain jvp to catch, so a loss that calls one is not traced.
+_UNTRACEABLE_GRAD_OPS = frozenset({"aten::mse_loss"})
+
+
+class _OpNames(TorchDispatchMode):
+    """Records the names of the ATen ops that run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_called(fn) -> set[str]:
+    """The ATen ops of one evaluation of fn, without autograd (one forward pass)."""
+    with torch.no_grad(), _OpNames() as rec:
+        fn()
+    return rec.names
+
+
+class _LossError(ValueError):
+    """loss_fn returned something other than a scalar tensor: the caller's error, raised as it
+    is under 'auto' too (not taken for a method that fails)."""
 
 
 def _out_of_memory(err: Exception) -> bool:
@@ -62,7 +93,9 @@ class HessianOperator(ModelOperator):
       Measured on the bench models (bench/curvature_matvec_rows.py, 2 CPU cores): batches
       1.4-2.0x faster per vector than 'auto' without it, a trace of 0.6-3.5 s, paid back
       after 170-380 vectors. With 'auto' the traced product is the forward-over-reverse
-      candidate.
+      candidate. ``linearized`` says whether the trace is in use; a loss that calls
+      ``F.mse_loss`` is not traced (torch.func.linearize of its gradient crashes the process
+      in torch 2.13), ``linearize_skipped`` says so, and the plain jvp serves.
 
     ``method="auto"`` builds both at the first product and picks, for each batch size b, the
     fastest way to compute it from the timings of the products the caller asks for
@@ -99,6 +132,7 @@ class HessianOperator(ModelOperator):
         self.choice = OnlineChoice(self._TRIALS, self._PRUNE)
         self.method_errors: dict[str, Exception] = {}
         self.linearized: bool | None = None
+        self.linearize_skipped: str | None = None  # why linearize=True did not trace
         self._db_batched_ok = True
         self._warm: set[tuple[str, int]] = set()  # (path, b) that have run once
 
@@ -124,7 +158,7 @@ class HessianOperator(ModelOperator):
         self._leaves = [t.detach().requires_grad_() for t in p.as_list(p.primals)]
         loss = p.loss(p.as_dict(self._leaves))
         if not (torch.is_tensor(loss) and loss.dim() == 0):
-            raise ValueError(f"loss_fn: must return a scalar tensor, got {_describe(loss)}")
+            raise _LossError(f"loss_fn: must return a scalar tensor, got {_describe(loss)}")
         grads = torch.autograd.grad(loss, self._leaves, create_graph=True, allow_unused=True)
         # Gradient entries that do not depend on the parameters (None, or constant) have zero
         # second derivative: they are left out of the backward.
@@ -143,9 +177,9 @@ class HessianOperator(ModelOperator):
         try:
             res = torch.autograd.grad(self._grads, self._leaves, outs, retain_graph=True,
                                       allow_unused=True, is_grads_batched=batched)
-        except RuntimeError:
-            if not batched:
-                raise
+        except RuntimeError as err:
+            if not batched or _out_of_memory(err):
+                raise  # an allocation failure is the batch's size, not a missing batching rule
             # vmap over the backward hit an op without a batching rule: loop from now on.
             self._db_batched_ok = False
             return self._db(V, True)
@@ -157,16 +191,25 @@ class HessianOperator(ModelOperator):
         y_primal, y_tangent = p.forward_ad_targets()
 
         def loss(params, *y):
-            return p.loss_fn(p.call(params), y[0] if y else p.targets)
+            value = p.loss_fn(p.call(params), y[0] if y else p.targets)
+            if not (torch.is_tensor(value) and value.dim() == 0):
+                raise _LossError(f"loss_fn: must return a scalar tensor, got {_describe(value)}")
+            return value
         grad_fn = tfunc.grad(loss)
 
         def hvp(v):
             return tfunc.jvp(grad_fn, (p.primals, *y_primal), (v, *y_tangent))[1]
         self._for_single, self._for_batched = hvp, tfunc.vmap(hvp)
         _import_func_transforms(self.device)
-        traced = (self._traced_products(lambda params: grad_fn(params, *y_primal),
-                                        lambda lin: (lin, tfunc.vmap(lin)))
-                  if self.linearize else None)
+        traced = None
+        if self.linearize:
+            untraceable = _ops_called(lambda: loss(p.primals, *y_primal)) & _UNTRACEABLE_GRAD_OPS
+            if untraceable:
+                self.linearize_skipped = (f"the loss calls {', '.join(sorted(untraceable))}, "
+                                          "whose gradient torch.func.linearize cannot trace")
+            else:
+                traced = self._traced_products(lambda params: grad_fn(params, *y_primal),
+                                               lambda lin: (lin, tfunc.vmap(lin)))
         if traced is not None:
             self._for_single, self._for_batched = traced
         self.linearized = traced is not None
@@ -186,6 +229,8 @@ class HessianOperator(ModelOperator):
         for name, build in builders.items():
             try:
                 build()
+            except _LossError:
+                raise  # the caller's loss, not the method: every method would fail on it
             except Exception as err:  # noqa: BLE001  auto: a method that fails is skipped
                 self.method_errors[name] = err
         if len(self.method_errors) == len(builders):
@@ -234,7 +279,8 @@ class HessianOperator(ModelOperator):
                 if timed:
                     self.choice.record(b, path, (self._clock() - t0) / b)
             except Exception as err:  # noqa: BLE001  a method that fails on some input
-                if path == "loop" or _out_of_memory(err) or not batched and len(candidates) == 1:
+                if (path == "loop" or isinstance(err, _LossError) or _out_of_memory(err)
+                        or not batched and len(candidates) == 1):
                     raise  # nothing else to try, or a failure of resources, not of the method
                 if batched:
                     self.method_errors[f"{path} (batched)"] = err

@@ -105,6 +105,9 @@ class CurvatureOperator:
     def to_matrix(self, chunk: int = 64) -> torch.Tensor:
         """The dense P x P matrix in the operator's dtype, from P matvecs on the unit vectors
         (batched by `chunk`). For small models only: P^2 memory."""
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk: expected an int >= 1 (unit vectors per product), got "
+                             f"{chunk!r}")
         P = self.numel
         if P > 20_000:
             raise ValueError(f"to_matrix: P = {P} parameters is too large for a dense matrix "

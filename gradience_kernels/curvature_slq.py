@@ -54,8 +54,9 @@ def slq_density(op: CurvatureOperator, n_probes: int = 8, steps: int = 64,
             [min theta - 8 sigma, max theta + 8 sigma] (Gaussian mass outside: 1e-15).
         sigma: Gaussian width > 0; default (max theta - min theta) / 200 (or 1e-2 max(1, |theta|)
             when all nodes coincide).
-        n_grid: default grid size; default max(1000, span / (sigma / 4)) so that the trapezoid
-            rule integrates each Gaussian to ~1e-30 (its error is exp(-2 pi^2 sigma^2 / h^2)).
+        n_grid: default grid size (an error with grid=); default max(1000, span / (sigma / 4))
+            so that the trapezoid rule integrates each Gaussian to ~1e-30 (its error is
+            exp(-2 pi^2 sigma^2 / h^2)).
         basis_dtype: storage dtype of the Lanczos bases (default op.dtype).
         reorth: "full" (default) or "partial" (each probe's basis against its whole basis only
             when its estimated loss of orthogonality exceeds sqrt(eps); see lanczos).
@@ -75,6 +76,9 @@ def slq_density(op: CurvatureOperator, n_probes: int = 8, steps: int = 64,
         n_grid = _check_int("n_grid", n_grid, 2)
     if grid is not None:
         grid = _check_grid(grid)
+        if n_grid is not None:
+            raise ValueError(f"n_grid: the size of the default grid, not used with grid=; got "
+                             f"n_grid={n_grid} and a grid of {grid.numel()} points")
     bdtype = _check_basis_dtype(basis_dtype, op)
     reorth = _check_reorth(reorth)
 

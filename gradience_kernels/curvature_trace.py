@@ -89,6 +89,6 @@ def estimate_trace(op: CurvatureOperator, method: str = "hutch++", **kw) -> Trac
     """tr(op) by ``method``: "hutch++" (default; also "hutchpp"), "hutchinson" or "xtrace";
     keyword arguments go to the estimator (rtol, max_matvecs, batch_size, seed, ...)."""
     fns = {"hutch++": hutchpp, "hutchpp": hutchpp, "hutchinson": hutchinson, "xtrace": xtrace}
-    if method not in fns:
+    if not isinstance(method, str) or method not in fns:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     return fns[method](op, **kw)

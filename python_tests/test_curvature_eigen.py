@@ -662,6 +662,10 @@ def _bad_cases(op):
         (lambda: slq_density(op, grid=torch.tensor([0, 1])), TypeError, "grid"),
         (lambda: slq_density(op, grid=torch.tensor([0.0, float("nan")])), ValueError, "grid"),
         (lambda: slq_density(op, basis_dtype="float32"), TypeError, "basis_dtype"),
+        (lambda: slq_density(op, grid=torch.linspace(0, 1, 5, dtype=torch.float64), n_grid=10),
+         ValueError, "n_grid=10 and a grid of 5 points"),
+        (lambda: op.to_matrix(chunk=0), ValueError, "chunk: expected an int >= 1"),
+        (lambda: op.to_matrix(chunk=2.5), ValueError, "chunk: expected an int >= 1"),
     ]
 
 

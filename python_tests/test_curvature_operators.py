@@ -23,6 +23,7 @@ import pytest
 import torch
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn import functional as F
 
 import reference as R
 from curvature_problems import CONFIGS, problem  # noqa: F401
@@ -655,3 +656,56 @@ def test_auto_does_not_time_a_paths_first_call_at_each_batch_size():
         assert sum((p, b) == key for p, b, _ in timed) <= calls.count(key) - 1
     for b in (1, 2, 3):  # and the trials did happen: each method timed at least once
         assert set(op.timings[b]) == {"double_backward", "forward_over_reverse"}
+
+
+@pytest.mark.parametrize("method", ["auto", "double_backward", "forward_over_reverse"])
+def test_a_non_scalar_loss_is_named_whatever_the_method(method):
+    """A loss that is not a scalar is the caller's error: under 'auto' it is raised as such, not
+    taken for double backward's failure and replaced by another method's message."""
+    model, _, batch = problem("mlp")
+    op = co.hessian(model, lambda out, t: F.cross_entropy(out, t, reduction="none"), batch,
+                    method=method)
+    v = [torch.ones(s, dtype=torch.float64) for s in op.shapes]
+    with pytest.raises(ValueError, match="loss_fn: must return a scalar tensor"):
+        op.matvec(v)
+    assert op.matvecs == 0
+
+
+def test_double_backward_batch_raises_allocation_failures(monkeypatch):
+    """An allocation failure of a vmapped double backward is raised, not taken for a missing
+    batching rule (which would turn batching off for the operator's life)."""
+    model, loss_fn, batch = problem("mlp")
+    op = co.hessian(model, loss_fn, batch, method="double_backward").prepare()
+    original = torch.autograd.grad
+
+    def oom_when_batched(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            raise torch.OutOfMemoryError("out of memory (test)")
+        return original(*args, **kwargs)
+    monkeypatch.setattr(torch.autograd, "grad", oom_when_batched)
+    V = [torch.ones(3, *s, dtype=torch.float64) for s in op.shapes]
+    with pytest.raises(torch.OutOfMemoryError):
+        op.matmat(V)
+    assert op._db_batched_ok
+    monkeypatch.setattr(torch.autograd, "grad", original)
+    H = reference("hessian", "mlp")
+    settle(op, 3, H, tolerance(model, batch, H, torch.float64), calls=1)
+
+
+@pytest.mark.parametrize("method", ["auto", "forward_over_reverse"])
+def test_linearize_skips_a_loss_whose_gradient_it_cannot_trace(method):
+    """torch.func.linearize of a gradient through F.mse_loss kills the process (torch 2.13): with
+    linearize=True such a loss runs on the plain jvp, says why, and its products stay exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    batch = (torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 2, dtype=torch.float64))
+    op = co.hessian(model, nn.MSELoss(), batch, method=method, linearize=True)
+    H = op.to_matrix()
+    assert op.linearized is False and "aten::mse_loss" in op.linearize_skipped
+    exact = co.hessian(model, nn.MSELoss(), batch, method="double_backward").to_matrix()
+    torch.testing.assert_close(H, exact, rtol=1e-12, atol=1e-12)
+    hand = co.hessian(model, lambda out, t: (out - t).square().mean(), batch,
+                      method="forward_over_reverse", linearize=True)
+    torch.testing.assert_close(hand.to_matrix(), exact, rtol=1e-12, atol=1e-12)
+    assert hand.linearized is True and hand.linearize_skipped is None
+

@@ -531,6 +531,14 @@ def test_bad_method_arguments(fn, kw, match):
     assert op.matvecs == 0
 
 
+@pytest.mark.parametrize("method", ["hutchplusplus", ["hutchinson"], None])
+def test_estimate_trace_bad_method_is_named(method):
+    op = _op()
+    with pytest.raises(ValueError, match=r"method: expected one of .*got"):
+        ct.estimate_trace(op, method=method)
+    assert op.matvecs == 0
+
+
 @pytest.mark.parametrize("bad", [torch.eye(3), np.eye(3), None, "op"])
 def test_not_an_operator(bad):
     for fn in (ct.hutchinson, ct.hutchpp, ct.xtrace):
