@@ -4,6 +4,7 @@ value, and every check runs before any work."""
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections.abc import Sequence
 
@@ -24,6 +25,13 @@ def _index(value, name: str, lo: int | None = 0) -> int:
     if lo is not None and v < lo:
         raise ValueError(f"{name}: expected an int >= {lo}, got {v}")
     return v
+
+
+def _real(value, name: str) -> float:
+    """A real number (not a bool) as a float; the error names the argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {value!r}")
+    return float(value)
 
 
 def _check_float_dtype(dtype, name: str) -> None:

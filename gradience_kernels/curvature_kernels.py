@@ -54,7 +54,8 @@ import torch
 from . import curvature_kernel_ops as _ops  # noqa: F401  registers the ops and fake kernels
 from .curvature_kernel_checks import (_check_basis, _check_blocks, _check_coeffs,
                                       _check_float_dtype, _check_list, _check_offset,
-                                      _check_pair, _check_probe_args, _index, _row_len)
+                                      _check_pair, _check_probe_args, _index, _real,
+                                      _row_len)
 from .curvature_kernel_ops import _flat_blocks
 from .curvature_kernels_torch import (_torch_block_dots, _torch_block_gram, _torch_combine,
                                       _torch_orthogonalize_, _torch_probe_dots, _torch_probes)
@@ -271,7 +272,7 @@ def reorthogonalize_(w: Sequence[torch.Tensor], basis: Sequence[torch.Tensor], c
     lo = _index(lo, "lo")
     if lo > count:
         raise ValueError(f"lo: expected 0 <= lo <= count = {count}, got {lo}")
-    ratio = float(ratio)
+    ratio = _real(ratio, "ratio")
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio: expected a value in [0, 1], got {ratio}")
     m_max = basis[0].shape[0]
@@ -280,7 +281,7 @@ def reorthogonalize_(w: Sequence[torch.Tensor], basis: Sequence[torch.Tensor], c
         if not count <= out_row < m_max:
             raise ValueError(f"out_row: expected a row in [count, m_max) = [{count}, {m_max}), "
                              f"got {out_row}")
-    min_norm = float(min_norm)
+    min_norm = _real(min_norm, "min_norm")
     if not min_norm >= 0.0:
         raise ValueError(f"min_norm: expected a value >= 0, got {min_norm}")
     return _reorthogonalize_run(w, basis, count, lo, ratio, out_row, min_norm, backend)

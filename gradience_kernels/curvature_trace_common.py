@@ -112,6 +112,8 @@ def _check_args(op, rtol, max_matvecs, batch_size, seed, min_probes, minimum: in
     batch_size = _check_int(batch_size, "batch_size", 1)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed: expected an int, got {seed!r}")
+    if seed < 0:  # as lanczos and slq_density; the probe streams use seed mod 2^32
+        raise ValueError(f"seed: expected an int >= 0, got {seed}")
     min_probes = _check_int(min_probes, "min_probes", 2)
     if op.numel < 1:
         raise ValueError(f"op: the operator has no parameters (numel = {op.numel})")

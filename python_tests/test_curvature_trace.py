@@ -507,6 +507,7 @@ def _op():
     ({"batch_size": 0}, ValueError, r"batch_size: .*got 0"),
     ({"batch_size": -3}, ValueError, r"batch_size: .*got -3"),
     ({"seed": 1.5}, TypeError, r"seed: .*1\.5"),
+    ({"seed": -1}, ValueError, r"seed: .*>= 0, got -1"),
     ({"min_probes": 1}, ValueError, r"min_probes: .*got 1"),
 ])
 def test_bad_arguments(fn, kw, exc, match):
