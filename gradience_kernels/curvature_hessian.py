@@ -63,6 +63,13 @@ class _LossError(ValueError):
     is under 'auto' too (not taken for a method that fails)."""
 
 
+def _scalar_loss(value):
+    """The loss value, checked to be a scalar tensor (both methods' losses go through it)."""
+    if not (torch.is_tensor(value) and value.dim() == 0):
+        raise _LossError(f"loss_fn: must return a scalar tensor, got {_describe(value)}")
+    return value
+
+
 def _out_of_memory(err: Exception) -> bool:
     """An allocation failure (CUDA's OutOfMemoryError, the CPU allocator's RuntimeError): the
     size of the product's fault, not the method's, so 'auto' does not drop the method."""
@@ -156,9 +163,7 @@ class HessianOperator(ModelOperator):
     def _build_double_backward(self):
         p = self.problem
         self._leaves = [t.detach().requires_grad_() for t in p.as_list(p.primals)]
-        loss = p.loss(p.as_dict(self._leaves))
-        if not (torch.is_tensor(loss) and loss.dim() == 0):
-            raise _LossError(f"loss_fn: must return a scalar tensor, got {_describe(loss)}")
+        loss = _scalar_loss(p.loss(p.as_dict(self._leaves)))
         grads = torch.autograd.grad(loss, self._leaves, create_graph=True, allow_unused=True)
         # Gradient entries that do not depend on the parameters (None, or constant) have zero
         # second derivative: they are left out of the backward.
@@ -191,10 +196,7 @@ class HessianOperator(ModelOperator):
         y_primal, y_tangent = p.forward_ad_targets()
 
         def loss(params, *y):
-            value = p.loss_fn(p.call(params), y[0] if y else p.targets)
-            if not (torch.is_tensor(value) and value.dim() == 0):
-                raise _LossError(f"loss_fn: must return a scalar tensor, got {_describe(value)}")
-            return value
+            return _scalar_loss(p.loss_fn(p.call(params), y[0] if y else p.targets))
         grad_fn = tfunc.grad(loss)
 
         def hvp(v):

@@ -110,10 +110,7 @@ def _check_args(op, rtol, max_matvecs, batch_size, seed, min_probes, minimum: in
         raise ValueError(f"max_matvecs: {method} needs at least {minimum} matvecs ({why}), "
                          f"got {max_matvecs}")
     batch_size = _check_int(batch_size, "batch_size", 1)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed: expected an int, got {seed!r}")
-    if seed < 0:  # as lanczos and slq_density; the probe streams use seed mod 2^32
-        raise ValueError(f"seed: expected an int >= 0, got {seed}")
+    seed = _check_int(seed, "seed", 0)  # as lanczos and slq_density; streams use seed mod 2^32
     min_probes = _check_int(min_probes, "min_probes", 2)
     if op.numel < 1:
         raise ValueError(f"op: the operator has no parameters (numel = {op.numel})")
@@ -122,7 +119,7 @@ def _check_args(op, rtol, max_matvecs, batch_size, seed, min_probes, minimum: in
     prepare = getattr(op, "prepare", None)
     if callable(prepare):
         prepare()
-    return rtol, max_matvecs, batch_size, int(seed), min_probes
+    return rtol, max_matvecs, batch_size, seed, min_probes
 
 
 # ------------------------------------------------------------------------------- helpers
