@@ -171,3 +171,8 @@ def __getattr__(name: str):
         from . import curvature_model_operators
         return getattr(curvature_model_operators, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # dir() and tab completion list the lazily re-exported names too (PEP 562).
+    return sorted(set(globals()) | set(_MODEL_API))

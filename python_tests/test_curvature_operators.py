@@ -709,3 +709,17 @@ def test_linearize_skips_a_loss_whose_gradient_it_cannot_trace(method):
     torch.testing.assert_close(hand.to_matrix(), exact, rtol=1e-12, atol=1e-12)
     assert hand.linearized is True and hand.linearize_skipped is None
 
+
+
+def test_lazy_reexports_are_listed_and_resolve():
+    # curvature_operators re-exports the model operators lazily (PEP 562 __getattr__); dir()
+    # lists them and each resolves to curvature_model_operators' object.
+    from gradience_kernels import curvature_model_operators as cmo
+
+    listed = dir(co)
+    for name in co.__all__:
+        assert name in listed
+        assert getattr(co, name) is (getattr(cmo, name) if name in co._MODEL_API
+                                     else co.__dict__[name])
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        co.nope
