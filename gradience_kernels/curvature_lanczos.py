@@ -26,7 +26,7 @@ from .curvature_krylov_steps import (_BREAKDOWN_ULPS, _REORTH_RATIO, _Basis, _lo
                                      _omega_step, _owned, _reorth_step, _scale_into, _sq_norm,
                                      _tridiagonal_eigh)
 from .curvature_operators import CurvatureOperator
-from .curvature_orthogonality import OrthogonalityEstimate
+from .curvature_orthogonality import OrthogonalityEstimate, decision_eps
 
 __all__ = ["lanczos"]
 
@@ -230,6 +230,8 @@ class _Krylov:
         self.eps = torch.finfo(op.dtype).eps
         # Rounding of the stored rows: the floor of their orthogonality.
         self.eps_store = max(self.eps, torch.finfo(dtype).eps)
+        # Breakdown and exhaustion tests (curvature_orthogonality.decision_eps).
+        self.eps_zero = decision_eps(op.dtype)
         self.full_reorths = 0  # steps that orthogonalized against the whole basis
         self.omega = OrthogonalityEstimate(self.eps, threshold=tol) if partial else None
 
@@ -258,7 +260,7 @@ class _Krylov:
             norm = math.sqrt(_sq_norm(z))
             # A probe (||r|| = sqrt(P)) left with less than sqrt(eps) of its norm lies
             # numerically in the span of the basis: the space is exhausted.
-            if norm <= math.sqrt(self.eps * P):
+            if norm <= math.sqrt(self.eps_zero * P):
                 break
             self.ensure(self.count + 1)
             _scale_into([r[self.count] for r in self.basis.rows], z, 1.0 / norm)
@@ -291,7 +293,7 @@ class _Krylov:
             else:
                 coef, norm = _reorth_step(w, rows, hi, self.prev_lo,
                                           out_row=self.count if fused else None,
-                                          min_norm=_BREAKDOWN_ULPS * self.eps * self.anorm)
+                                          min_norm=_BREAKDOWN_ULPS * self.eps_zero * self.anorm)
                 self.full_reorths += 1
                 # ||A q||^2 = (coefficients on the local rows)^2 + ||residual||^2: the
                 # breakdown scale (the components on older rows are at rounding level).
@@ -301,7 +303,7 @@ class _Krylov:
             norms.append(norm)
         D = H[lo:hi, lo:hi]
         H[lo:hi, lo:hi] = 0.5 * (D + D.T)
-        thr = _BREAKDOWN_ULPS * self.eps * self.anorm
+        thr = _BREAKDOWN_ULPS * self.eps_zero * self.anorm
         new_lo = hi
         deflated = 0
         for c, w in enumerate(res):
@@ -352,9 +354,9 @@ class _Krylov:
         lo = self.prev_lo
         out = self.count - lo if fused else None
         coef, norm = _local_step(w, [r[lo:] for r in rows], j + 1 - lo, out,
-                                 _BREAKDOWN_ULPS * self.eps * self.anorm)
+                                 _BREAKDOWN_ULPS * self.eps_zero * self.anorm)
         self.anorm = max(self.anorm, math.sqrt(float(coef @ coef) + norm * norm))
-        thr = _BREAKDOWN_ULPS * self.eps * self.anorm
+        thr = _BREAKDOWN_ULPS * self.eps_zero * self.anorm
         if norm <= thr or self.count >= self.limit:
             # No new row from this residual: its norm is the run's last coupling (the residual
             # of the Ritz pairs, 0 once the space is exhausted), so it is taken against the

@@ -35,6 +35,20 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
+
+
+def decision_eps(dtype: torch.dtype) -> float:
+    """The unit of the thresholds that decide a vector is numerically zero or in the span of a
+    basis (a Lanczos breakdown, an exhausted space, a dropped sketch column): eps of dtype, but
+    never coarser than float32's. Those decisions err one way harmlessly and the other way not:
+    a missed one keeps a noise direction, which orthogonalization makes a valid restart or an
+    extra basis column, while a false one drops a real direction. At 16 bits the scaled
+    thresholds reach the signal itself: 64 eps ||A|| is 0.5 ||A|| in bfloat16 and 0.06 ||A||
+    in float16, which stopped Lanczos after 3 steps on a bfloat16 GGN with residual 0 and
+    'converged' Ritz values 28% low, and XTrace's 128 eps drop rule (1.0 in bfloat16) threw
+    away every sketch column (estimate 2.9 for a trace of 38.7)."""
+    return min(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)
 
 
 class OrthogonalityEstimate:

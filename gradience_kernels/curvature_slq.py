@@ -23,7 +23,7 @@ from .curvature_kernels import rademacher
 from .curvature_krylov_steps import (_BREAKDOWN_ULPS, _local_step, _new_rows, _omega_step,
                                      _owned, _reorth_step)
 from .curvature_operators import CurvatureOperator
-from .curvature_orthogonality import OrthogonalityEstimate
+from .curvature_orthogonality import OrthogonalityEstimate, decision_eps
 
 __all__ = ["slq_density"]
 
@@ -98,6 +98,7 @@ def slq_density(op: CurvatureOperator, n_probes: int = 8, steps: int = 64,
     anorm = np.zeros(nv)
     eps = torch.finfo(op.dtype).eps
     eps_store = max(eps, torch.finfo(bdtype).eps)
+    eps_zero = decision_eps(op.dtype)  # breakdown tests (curvature_orthogonality)
     omega = [OrthogonalityEstimate(eps) for _ in range(nv)] if reorth == "partial" else None
     full_reorths = 0
     active = list(range(nv))
@@ -118,27 +119,27 @@ def slq_density(op: CurvatureOperator, n_probes: int = 8, steps: int = 64,
             out = j + 1 if j + 1 < m else None
             if omega is None:
                 coef, norm = _reorth_step(w, basis, j + 1, lo, out_row=out,
-                                          min_norm=_BREAKDOWN_ULPS * eps * anorm[l])
+                                          min_norm=_BREAKDOWN_ULPS * eps_zero * anorm[l])
                 full_reorths += 1
             else:
                 # Partial: the local rows only, the whole basis when the estimated loss of
                 # orthogonality of the new row exceeds sqrt(eps) (curvature_orthogonality).
                 coef, norm = _local_step(w, [b[lo:] for b in basis], j + 1 - lo,
                                          None if out is None else out - lo,
-                                         _BREAKDOWN_ULPS * eps * anorm[l])
+                                         _BREAKDOWN_ULPS * eps_zero * anorm[l])
             alpha[l, j] = coef[-1]
             lengths[l] = j + 1
             anorm[l] = max(anorm[l], math.sqrt(float(coef @ coef) + norm * norm))
             if j + 1 == m:
                 continue
-            if omega is not None and norm > _BREAKDOWN_ULPS * eps * anorm[l]:
+            if omega is not None and norm > _BREAKDOWN_ULPS * eps_zero * anorm[l]:
                 # (The quadrature uses T only: a full pass's coefficients are not kept.)
                 total, norm = _omega_step(omega[l], w, basis, j, lo, coef, norm, alpha[l],
                                           beta[l], eps_store * anorm[l], out,
-                                          _BREAKDOWN_ULPS * eps * anorm[l])
+                                          _BREAKDOWN_ULPS * eps_zero * anorm[l])
                 if total is not None:
                     full_reorths += 1
-            if norm <= _BREAKDOWN_ULPS * eps * anorm[l]:
+            if norm <= _BREAKDOWN_ULPS * eps_zero * anorm[l]:
                 invariant[l] = True     # Krylov space invariant: the quadrature is exact
                 continue
             beta[l, j] = norm  # row j + 1 = w / norm, written by _reorth_step

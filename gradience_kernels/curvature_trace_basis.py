@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from .curvature_kernels import block_dots, block_gram, combine, orthogonalize_
+from .curvature_orthogonality import decision_eps
 from .curvature_trace_common import _F64, _small
 
 
@@ -166,7 +167,8 @@ def _extend_basis(Q: _Store, Y: list[torch.Tensor], everything: list[list[int]])
     pass 2 repeats both on the resulting unit columns, which restores orthogonality to O(u)
     when columns lost digits in pass 1 (a column of relative size rho after the projection
     is orthogonal to Q only to ~u / rho). Pass 1 drops directions below 128 u of the column's
-    own norm (numerically in the span: an exactly low-rank A stops the basis at rank A);
+    own norm (numerically in the span: an exactly low-rank A stops the basis at rank A; u of
+    float32 for 16-bit columns, curvature_orthogonality.decision_eps);
     pass 2 drops what lost more than half its norm (pass-1 noise).
 
     Pass 2 is skipped when pass 1 provably lost little: the projection's rounding leaves
@@ -184,7 +186,7 @@ def _extend_basis(Q: _Store, Y: list[torch.Tensor], everything: list[list[int]])
         C = Q.left(X, everything)[0]
         Q.subtract_from(X, C)
     norm0 = _small(block_dots(Y, Y, everything)[0]).sqrt()
-    U, lams = _orthonormal_batch(X, norm0, 128 * torch.finfo(Y[0].dtype).eps, everything)
+    U, lams = _orthonormal_batch(X, norm0, 128 * decision_eps(Y[0].dtype), everything)
     if U is None:
         return None, C, X
     if lams is not None:

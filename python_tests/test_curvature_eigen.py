@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -542,7 +543,6 @@ def test_slq_on_model_hessian(tiny_hessian):
     from gradience_kernels.curvature_operators import hessian
     model, loss_fn, batch, H = tiny_hessian
     op = hessian(model, loss_fn, batch)
-    P = op.numel
     for reorth in ("full", "partial"):
         _check_slq_model(slq_density(op, n_probes=8, steps=24, reorth=reorth), op, H)
     d = slq_density(op, n_probes=8, steps=24, reorth="partial")
@@ -686,3 +686,37 @@ def test_moment_bad_p():
         d.moment(1.5)
     single = slq_density(_op(_spectral_matrix(_spectrum("outliers", 30))), n_probes=1, steps=3)
     assert math.isnan(single.moment(1)[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sixteen_bit_operators_do_not_break_down_falsely(dtype):
+    """At 16 bits, 64 eps ||A|| is 0.5 ||A|| (bfloat16) or 0.06 ||A|| (float16): breakdown tests
+    in the operator's eps restarted Lanczos on real residuals (3 matvecs, 'converged' Ritz values
+    28% low on a bfloat16 GGN) and cut SLQ's probes at length 2. With the thresholds in
+    float32's eps (curvature_orthogonality.decision_eps) each Ritz value keeps the documented
+    bound |theta - lambda| <= tol ||A|| (here against the float64 eigenvalues of the rounded
+    matrix) and SLQ runs its steps."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 40, generator=g, dtype=torch.float64)
+    A16 = (X @ X.T / 40).to(dtype)
+    lam = np.linalg.eigvalsh(A16.double().numpy())[::-1]
+    op = MatrixOperator(A16, psd=True)
+    res = lanczos(op, k=3)
+    tol = res.tol
+    assert res.restarts == 0 and res.matvecs > 3 and bool(res.converged.all())
+    err = np.abs(res.eigenvalues.numpy() - lam[:3])
+    assert np.all(err <= tol * lam[0]), (err, tol * lam[0])
+    dens = slq_density(op, n_probes=3, steps=12, seed=0)
+    assert dens.lengths.tolist() == [12, 12, 12]
+
+
+def test_power_iteration_warns_when_tol_is_below_the_products_resolution():
+    # PyHessian's relative-change rule compares quotients of 16-bit products: below their eps
+    # two iterates can agree by rounding alone (measured: a bfloat16 GGN stopped at the second
+    # eigenvalue after 7 matvecs with tol 1e-3).
+    A = torch.diag(torch.linspace(1, 2, 30)).to(torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match="below the resolution"):
+        power_iteration(MatrixOperator(A, psd=True), tol=1e-3, max_iter=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        power_iteration(MatrixOperator(A.float(), psd=True), tol=1e-3, max_iter=200)

@@ -611,3 +611,21 @@ def test_cuda_matches_cpu():
     for fn in (ct.hutchinson, ct.hutchpp, ct.xtrace):
         a, b = fn(op, max_matvecs=64, seed=3), fn(cuda, max_matvecs=64, seed=3)
         assert abs(a.trace - b.trace) <= tol and abs(a.stderr - b.stderr) <= tol
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["hutchpp", "xtrace"])
+def test_sixteen_bit_sketches_keep_their_columns(dtype, method):
+    """The sketch basis dropped columns below 128 eps of their norm: 1.0 in bfloat16, so every
+    column went and XTrace (whose leave-one-out rule then takes A to be captured by Q) returned
+    2.9 for a trace of 38.7. With float32's eps (curvature_orthogonality.decision_eps) the
+    basis grows with the probes and the estimate is within its error bars plus the matrix's
+    16-bit rounding (the reference is the trace of the rounded matrix, in float64)."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 40, generator=g, dtype=torch.float64)
+    A16 = (X @ X.T / 40).to(dtype)
+    truth = float(A16.double().trace())
+    res = getattr(ct, method)(MatrixOperator(A16, psd=True), max_matvecs=40, seed=0)
+    assert res.rank >= 10
+    assert abs(res.trace - truth) <= 4 * res.stderr + 8 * torch.finfo(dtype).eps * truth, (
+        res.trace, res.stderr, truth)
