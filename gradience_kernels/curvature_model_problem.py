@@ -119,9 +119,12 @@ class ModelProblem:
             if t.device != self.device:
                 raise ValueError(f"batch: {what} is on {t.device}, the parameters on "
                                  f"{self.device}")
-            if i < len(xs) and t.is_floating_point() and t.dtype != self.dtype:
+            # Floating targets too: mixed dtypes work in some products (double backward
+            # promotes) and fail in others (forward-mode jvp of a float32 loss against float64
+            # targets), so every operator and method rejects them alike.
+            if t.is_floating_point() and t.dtype != self.dtype:
                 raise TypeError(f"batch: {what} has dtype {t.dtype}, the parameters "
-                                f"{self.dtype}: cast the inputs (or the model)")
+                                f"{self.dtype}: cast the {what.split('[')[0]} (or the model)")
         if per_sample:
             n = xs[0].shape[0] if xs[0].dim() else 0
             for i, t in enumerate(tensors):

@@ -723,3 +723,48 @@ def test_lazy_reexports_are_listed_and_resolve():
                                      else co.__dict__[name])
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         co.nope
+
+
+@pytest.mark.parametrize("build", [functools.partial(co.hessian, method=m) for m in
+                                   ("auto", "double_backward", "forward_over_reverse")]
+                         + [co.ggn, co.empirical_fisher])
+def test_float_targets_of_another_dtype_are_rejected_alike(build):
+    # Double backward promoted float64 targets against a float32 model, forward-over-reverse
+    # failed inside torch ("expected scalar type Double but found Float"): every operator
+    # now names the argument before any product.
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.randn(4, 2, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"batch: targets has dtype torch.float64, the "
+                                        r"parameters torch.float32: cast the targets"):
+        build(model, nn.MSELoss(), (x, y))
+    build(model, nn.MSELoss(), (x, y.float())).matvec([torch.ones(2, 3), torch.ones(2)])
+
+
+def test_weight_norm_models_are_refused_instead_of_silently_wrong():
+    # torch 2.13's double backward of the fused weight norm (aten::_weight_norm_interface) is
+    # wrong (gradgradcheck fails; the (v, v) block of a weight-normed Linear was off by 78%) and
+    # its forward AD is not implemented: no Hessian method may serve such a model, and auto
+    # must not fall back to the wrong one. The written-out g v / ||v|| works.
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    model = nn.Sequential(parametrizations.weight_norm(nn.Linear(4, 5)), nn.Tanh(),
+                          nn.Linear(5, 2)).double()
+    batch = (torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 2, (6,)))
+    loss_fn = nn.CrossEntropyLoss()
+    v = [torch.ones_like(p) for p in model.parameters()]
+    with pytest.raises(NotImplementedError, match="aten::_weight_norm_interface, whose double "
+                                                  "backward is wrong"):
+        co.hessian(model, loss_fn, batch, method="double_backward").matvec(v)
+    auto = co.hessian(model, loss_fn, batch)
+    with pytest.raises(NotImplementedError):
+        auto.matvec(v)
+    assert "whose double backward is wrong" in str(auto.method_errors["double_backward"])
+    co.empirical_fisher(model, loss_fn, batch).matvec(v)  # first order: right
+    gradgradcheck_ok = torch.autograd.gradgradcheck(
+        lambda w, g: torch._weight_norm(w, g, 0),
+        (torch.randn(5, 4, dtype=torch.float64, requires_grad=True),
+         torch.rand(5, 1, dtype=torch.float64, requires_grad=True)), raise_exception=False)
+    if gradgradcheck_ok:
+        pytest.fail("torch's weight-norm double backward passes gradgradcheck now: review "
+                    "curvature_hessian._WRONG_DOUBLE_BACKWARD_OPS")
