@@ -5,6 +5,7 @@ parameters, SDPA math kernel): curvature_model_problem."""
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 import torch.func as tfunc
@@ -30,7 +31,12 @@ def _import_func_transforms(device) -> None:
     float32 whatever the model's dtype: the imports do not depend on it, and every device
     computes in float32."""
     x = torch.zeros(2, 2, device=device)
-    tfunc.vmap(lambda v: tfunc.jvp(tfunc.grad(lambda p: (p * p).sum()), (x[0],), (v,))[1])(x)
+    with warnings.catch_warnings():
+        # The imports script torch-internal helpers: 18 "torch.jit.script is deprecated"
+        # warnings about torch's own code, nothing the caller can act on.
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated",
+                                category=DeprecationWarning)
+        tfunc.vmap(lambda v: tfunc.jvp(tfunc.grad(lambda p: (p * p).sum()), (x[0],), (v,))[1])(x)
 
 
 # torch.func.linearize of a gradient through these ops kills the process (a segmentation fault

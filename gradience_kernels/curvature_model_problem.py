@@ -97,9 +97,12 @@ class ModelProblem:
         self.targets = targets
 
         named = list(model.named_parameters())
-        self.names = self._select(named, params)
+        self.names = self._select(named, params, model)
         by_name = dict(named)
         selected = [by_name[n] for n in self.names]
+        if sum(p.numel() for p in selected) == 0:
+            raise ValueError(f"params: the selection {self.names} holds only zero-size "
+                             f"parameters (numel 0): there is no curvature to estimate")
         self.dtype = selected[0].dtype
         self.device = selected[0].device
         for n, p in zip(self.names, selected):
@@ -151,7 +154,7 @@ class ModelProblem:
         self.clone_buffers = bool(self.buffers) and any(m.training for m in model.modules())
 
     @staticmethod
-    def _select(named, params) -> list[str]:
+    def _select(named, params, model) -> list[str]:
         if params is None:
             names = [n for n, p in named if p.requires_grad]
         elif callable(params):
@@ -167,8 +170,15 @@ class ModelProblem:
                 raise TypeError(f"params: names must be strings, got {_describe(bad[0])}")
             unknown = [w for w in wanted if w not in have]
             if unknown:
+                # A tied parameter (one tensor under two names) is listed once, under its
+                # first name: say which name to use.
+                first = {id(p): n for n, p in named}
+                tied = {a: first[id(p)] for a, p in model.named_parameters(remove_duplicate=False)
+                        if a not in have and id(p) in first}
+                hints = "".join(f"; {w!r} is tied to {tied[w]!r} (the same tensor): select "
+                                f"it by that name" for w in unknown if w in tied)
                 raise ValueError(f"params: unknown parameter name(s) {unknown}; the model has "
-                                 f"{[n for n, _ in named]}")
+                                 f"{[n for n, _ in named]}{hints}")
             dup = sorted({w for w in wanted if wanted.count(w) > 1})
             if dup:
                 raise ValueError(f"params: duplicate name(s) {dup}")

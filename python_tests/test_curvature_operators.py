@@ -768,3 +768,33 @@ def test_weight_norm_models_are_refused_instead_of_silently_wrong():
     if gradgradcheck_ok:
         pytest.fail("torch's weight-norm double backward passes gradgradcheck now: review "
                     "curvature_hessian._WRONG_DOUBLE_BACKWARD_OPS")
+
+
+def test_tied_alias_and_zero_size_selections_get_clear_errors():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.head(self.emb(x))
+
+    x = torch.randint(0, 10, (5,))
+    with pytest.raises(ValueError, match="'head.weight' is tied to 'emb.weight'"):
+        co.hessian(Tied(), nn.CrossEntropyLoss(), (x, x), params=["head.weight"])
+    assert co.hessian(Tied(), nn.CrossEntropyLoss(), (x, x), params=["emb.weight"]).numel == 40
+
+    class WithEmpty(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.z = nn.Linear(3, 2), nn.Linear(3, 0)
+
+        def forward(self, x):
+            return self.a(x) + self.z(x).sum()
+
+    batch = (torch.randn(4, 3), torch.randn(4, 2))
+    for build in (co.hessian, co.ggn, co.empirical_fisher):
+        with pytest.raises(ValueError, match=r"holds only zero-size parameters \(numel 0\)"):
+            build(WithEmpty(), nn.MSELoss(), batch, params=["z.weight", "z.bias"])
+    assert co.ggn(WithEmpty(), nn.MSELoss(), batch).numel == 8  # zero-size members are fine
