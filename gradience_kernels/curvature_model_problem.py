@@ -138,6 +138,15 @@ class ModelProblem:
                                      f"inputs[0] {list(xs[0].shape)}")
             if n == 0:
                 raise ValueError("batch: has no samples (inputs[0] has 0 rows)")
+            # Batch statistics couple the samples: a per-sample gradient is not defined (and
+            # vmap fails deep inside with "running_mean ... not batched").
+            coupled = [name or type(m).__name__ for name, m in model.named_modules()
+                       if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
+            if coupled:
+                raise ValueError(f"model: per-sample gradients need the model in eval mode: "
+                                 f"{coupled[:3]} {'are' if len(coupled) > 1 else 'is'} "
+                                 f"BatchNorm in training mode (batch statistics couple the "
+                                 f"samples); call model.eval() first")
         self.num_samples = xs[0].shape[0] if xs[0].dim() else None
 
         self.blocks = self._blocks(blocks)

@@ -404,6 +404,12 @@ def test_model_and_batch_are_not_mutated_even_with_batchnorm_in_train_mode():
     assert all(p.grad is None for p in model.parameters())
     assert torch.equal(x, x0) and torch.equal(y, y0)
     assert model.training
+    # Per-sample gradients are undefined under batch statistics: refused before any work.
+    with pytest.raises(ValueError, match=r"model: per-sample gradients need the model in eval "
+                                         r"mode: \['1'\] is BatchNorm in training mode"):
+        co.empirical_fisher(model, loss, (x, y))
+    co.empirical_fisher(copy.deepcopy(model).eval(), loss, (x, y)).matvec(
+        [torch.ones(s, dtype=torch.float64) for s in op.shapes])
 
 
 def test_operators_hold_the_parameters_storage_without_copying():
