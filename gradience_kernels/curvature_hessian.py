@@ -180,7 +180,6 @@ class HessianOperator(ModelOperator):
             loss = _scalar_loss(p.loss(p.as_dict(self._leaves)))
         wrong = rec.names & _WRONG_DOUBLE_BACKWARD_OPS
         if wrong:
-            self._leaves = []
             raise NotImplementedError(
                 f"hessian: the model calls {', '.join(sorted(wrong))}, whose double backward "
                 f"is wrong in torch {torch.__version__.split('+')[0]} (gradgradcheck fails), so "

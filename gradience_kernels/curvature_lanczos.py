@@ -235,6 +235,10 @@ class _Krylov:
         self.full_reorths = 0  # steps that orthogonalized against the whole basis
         self.omega = OrthogonalityEstimate(self.eps, threshold=tol) if partial else None
 
+    def _breakdown_norm(self) -> float:
+        """A residual at most this is rounding noise (at the current ||A|| estimate)."""
+        return _BREAKDOWN_ULPS * self.eps_zero * self.anorm
+
     def ensure(self, n: int) -> None:
         """Room for n rows in the basis, H and colerr (grown together, by doubling)."""
         self.basis.ensure(n)
@@ -293,7 +297,7 @@ class _Krylov:
             else:
                 coef, norm = _reorth_step(w, rows, hi, self.prev_lo,
                                           out_row=self.count if fused else None,
-                                          min_norm=_BREAKDOWN_ULPS * self.eps_zero * self.anorm)
+                                          min_norm=self._breakdown_norm())
                 self.full_reorths += 1
                 # ||A q||^2 = (coefficients on the local rows)^2 + ||residual||^2: the
                 # breakdown scale (the components on older rows are at rounding level).
@@ -303,7 +307,7 @@ class _Krylov:
             norms.append(norm)
         D = H[lo:hi, lo:hi]
         H[lo:hi, lo:hi] = 0.5 * (D + D.T)
-        thr = _BREAKDOWN_ULPS * self.eps_zero * self.anorm
+        thr = self._breakdown_norm()
         new_lo = hi
         deflated = 0
         for c, w in enumerate(res):
@@ -354,9 +358,9 @@ class _Krylov:
         lo = self.prev_lo
         out = self.count - lo if fused else None
         coef, norm = _local_step(w, [r[lo:] for r in rows], j + 1 - lo, out,
-                                 _BREAKDOWN_ULPS * self.eps_zero * self.anorm)
+                                 self._breakdown_norm())
         self.anorm = max(self.anorm, math.sqrt(float(coef @ coef) + norm * norm))
-        thr = _BREAKDOWN_ULPS * self.eps_zero * self.anorm
+        thr = self._breakdown_norm()
         if norm <= thr or self.count >= self.limit:
             # No new row from this residual: its norm is the run's last coupling (the residual
             # of the Ritz pairs, 0 once the space is exhausted), so it is taken against the

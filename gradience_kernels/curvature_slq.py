@@ -132,14 +132,14 @@ def slq_density(op: CurvatureOperator, n_probes: int = 8, steps: int = 64,
             anorm[l] = max(anorm[l], math.sqrt(float(coef @ coef) + norm * norm))
             if j + 1 == m:
                 continue
-            if omega is not None and norm > _BREAKDOWN_ULPS * eps_zero * anorm[l]:
+            thr = _BREAKDOWN_ULPS * eps_zero * anorm[l]  # the breakdown level, updated ||A||
+            if omega is not None and norm > thr:
                 # (The quadrature uses T only: a full pass's coefficients are not kept.)
                 total, norm = _omega_step(omega[l], w, basis, j, lo, coef, norm, alpha[l],
-                                          beta[l], eps_store * anorm[l], out,
-                                          _BREAKDOWN_ULPS * eps_zero * anorm[l])
+                                          beta[l], eps_store * anorm[l], out, thr)
                 if total is not None:
                     full_reorths += 1
-            if norm <= _BREAKDOWN_ULPS * eps_zero * anorm[l]:
+            if norm <= thr:
                 invariant[l] = True     # Krylov space invariant: the quadrature is exact
                 continue
             beta[l, j] = norm  # row j + 1 = w / norm, written by _reorth_step
