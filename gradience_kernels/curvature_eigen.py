@@ -4,7 +4,7 @@ for the spectral density.
 
 Every P-sized step outside the operator's matvecs goes through curvature_kernels
 (``reorthogonalize_``: one call per Lanczos product; ``orthogonalize_``, ``block_dots``,
-``combine``, ``rademacher``), over the operator's list of parameter-shaped tensors: nothing is
+``combine``, ``gaussian``), over the operator's list of parameter-shaped tensors: nothing is
 flattened into one P-vector. The inner loops call the kernels' unchecked entry points (the
 lists are the operator's products and the basis allocated here with its shapes). The small dense algebra
 (tridiagonal / banded projections of size m x m, m = number of Lanczos steps) runs in float64
@@ -39,7 +39,7 @@ import torch
 
 from .curvature_eigen_checks import REORTH_METHODS, _check_int, _check_op, _check_positive
 from .curvature_eigen_results import EigenResult, SpectralDensity, StabilityMargin
-from .curvature_kernels import _block_dots_run, _orthogonalize_run, rademacher
+from .curvature_kernels import _block_dots_run, _orthogonalize_run, gaussian
 from .curvature_krylov_steps import _all_blocks, _new_rows, _sq_norm
 from .curvature_lanczos import lanczos
 from .curvature_operators import CurvatureOperator
@@ -54,7 +54,9 @@ def power_iteration(op: CurvatureOperator, k: int = 1, tol: float = 1e-6, max_it
     """The k eigenvalues of largest magnitude by power iteration with deflation (PyHessian's
     ``eigenvalues``, Yao et al. 2020).
 
-    For i = 1..k: from a normalized Rademacher probe (stream `seed`, probe i-1), repeat
+    For i = 1..k: from a normalized Gaussian probe (stream `seed`, probe i-1; PyHessian draws
+    torch.randn; a +-1 probe can be orthogonal to the eigenvector, e.g. a zero-sum probe of the
+    all-ones matrix, whose product 0 then passed for an eigenvalue 0), repeat
         v <- v - V_i V_i^T v (orthogonalized against the eigenvectors found so far), v /= ||v||,
         w = A v, theta = v^T w, v <- w / ||w||
     until |theta - theta_prev| <= tol |theta_prev| (PyHessian's stopping rule: the relative
@@ -69,6 +71,11 @@ def power_iteration(op: CurvatureOperator, k: int = 1, tol: float = 1e-6, max_it
     the last Rayleigh quotients; ``residuals`` = ||A v - theta v|| of the last iterate v whose
     quotient is theta (from ||A v||^2 - theta^2, accurate to about sqrt(eps) ||A v||); the
     returned eigenvectors are w / ||w||, one power step further, as in PyHessian.
+    ``converged`` is PyHessian's rule met by an iterate near an eigenvector: relative residual
+    ||A v - theta v|| / ||A v|| <= min(0.5, 10 sqrt(tol)) (the rule alone also passes a
+    quotient that stalls away from every eigenvalue: for a pair +-lambda of largest magnitude,
+    where power iteration cannot converge, theta stays ~0 with residual ||A v||; the iteration
+    stops there either way, as PyHessian's does).
     """
     _check_op(op)
     P = op.numel
@@ -85,14 +92,15 @@ def power_iteration(op: CurvatureOperator, k: int = 1, tol: float = 1e-6, max_it
                       f"products (eps {eps:.1e}): the relative-change rule can stop at any "
                       f"iterate; use tol >= {eps:.1e} or lanczos", RuntimeWarning, stacklevel=2)
 
+    near = min(0.5, 10.0 * math.sqrt(tol))  # relative residual of a converged iterate
     start = op.matvecs
     found = _new_rows(op, k, op.dtype)
     blocks = _all_blocks(op)
     values, residuals, converged = [], [], []
     iterations = 0
     for i in range(k):
-        v = [t[0] for t in rademacher(op.shapes, 1, seed, first=i, dtype=op.dtype,
-                                      device=op.device)]
+        v = [t[0] for t in gaussian(op.shapes, 1, seed, first=i, dtype=op.dtype,
+                                    device=op.device)]
         theta_prev = None
         ok = False
         theta = res = 0.0
@@ -114,7 +122,7 @@ def power_iteration(op: CurvatureOperator, k: int = 1, tol: float = 1e-6, max_it
                 break
             v = [t / math.sqrt(ww) for t in w]
             if theta_prev is not None and abs(theta - theta_prev) <= tol * abs(theta_prev):
-                ok = True
+                ok = res <= near * math.sqrt(ww)
                 break
             theta_prev = theta
         for r, t in zip(found, v):
@@ -130,7 +138,8 @@ def power_iteration(op: CurvatureOperator, k: int = 1, tol: float = 1e-6, max_it
         eigenvectors=found, tol=tol)
     if not result.all_converged:
         warnings.warn(f"power_iteration: {k - sum(converged)} of k={k} eigenvalues not converged "
-                      f"after max_iter={max_iter} iterations each (tol={tol:g})",
+                      f"(max_iter={max_iter} iterations each, tol={tol:g}; or the quotient "
+                      f"stalled with relative residual > {near:.2g}: a +-lambda pair)",
                       RuntimeWarning, stacklevel=2)
     return result
 

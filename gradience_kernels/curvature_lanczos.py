@@ -21,7 +21,7 @@ import torch
 from .curvature_eigen_checks import (_check_basis_dtype, _check_int, _check_op, _check_positive,
                                      _check_reorth, _check_which, _default_tol)
 from .curvature_eigen_results import EigenResult
-from .curvature_kernels import _orthogonalize_run, _reorthogonalize_run, combine, rademacher
+from .curvature_kernels import _orthogonalize_run, _reorthogonalize_run, combine, gaussian
 from .curvature_krylov_steps import (_BREAKDOWN_ULPS, _REORTH_RATIO, _Basis, _local_step,
                                      _omega_step, _owned, _reorth_step, _scale_into, _sq_norm,
                                      _tridiagonal_eigh)
@@ -46,7 +46,7 @@ def lanczos(op: CurvatureOperator, k: int = 5, which: str = "largest", tol: floa
     reorthogonalization.
 
     Builds an orthonormal basis Q_m of the Krylov space span{q_1, A q_1, ..., A^(m-1) q_1}
-    (q_1 a normalized Rademacher probe of stream `seed`; a block of `block_size` probes for
+    (q_1 a normalized Gaussian probe of stream `seed`; a block of `block_size` probes for
     block Lanczos) with the projection T_m = Q_m^T A Q_m tridiagonal (banded for blocks) and
     A Q_m = Q_m T_m + r_m e_m^T. Every new vector is orthogonalized against the whole basis
     (curvature_kernels.orthogonalize_, stored tensor by tensor in `basis_dtype`). After each step
@@ -63,10 +63,15 @@ def lanczos(op: CurvatureOperator, k: int = 5, which: str = "largest", tol: floa
     is spanned (P <= max_iter: T is then A in the basis Q, all values exact).
 
     A Krylov space that becomes exactly invariant (an operator with few distinct eigenvalues)
-    is continued from a new Rademacher probe orthogonalized against the basis; each such
+    is continued from a new Gaussian probe orthogonalized against the basis; each such
     segment explores the complement of the earlier ones, and the run stops only once the latest
     segment's extreme Ritz value has converged or, for a segment that closed, is no better
-    than the k-th wanted value.
+    than the k-th wanted value. The probes are Gaussian, not Rademacher, because that rule
+    and the start rest on the probe having a nonzero component on every eigenvector, which a
+    continuous law gives with probability 1 and a +-1 vector does not: on [[2, 1], [1, 2]] half
+    the Rademacher starts are orthogonal to the top eigenvector, and on diag(5, 5, 5, 5, 1, ...)
+    a restart probe could miss the last copy of 5 (measured before the change: top values 1,
+    and [5, 5, 5, 1, 1] for [5, 5, 5, 5, 1], both reported converged).
 
     Limitation (every single-vector Krylov method): a start vector reaches one direction of
     each eigenspace, so an eigenvalue of multiplicity > 1 appears once in exact arithmetic
@@ -88,7 +93,8 @@ def lanczos(op: CurvatureOperator, k: int = 5, which: str = "largest", tol: floa
         tol: residual tolerance relative to ||A||; default eps^(2/3) of op.dtype (3.7e-11 for
             float64, 2.4e-5 for float32), or eps of basis_dtype when that is larger.
         max_iter: most matvecs; default min(P, max(200, 20 k block_size)).
-        seed: the Rademacher stream of the start (and restart) vectors.
+        seed: the Gaussian stream (curvature_kernels.gaussian) of the start (and restart)
+            vectors.
         basis_dtype: storage dtype of the basis (default op.dtype); a lower precision cuts its
             memory ((m + 1) P entries) at a cost in accuracy: the stored rows carry rounding
             errors delta that enter A Q = Q T + r e^T - F, F e_j = beta_j delta_{j+1}; the
@@ -251,20 +257,21 @@ class _Krylov:
             self.colerr = np.concatenate([self.colerr, np.zeros(cap - old)])
 
     def add_random(self, n: int) -> int:
-        """Append up to n Rademacher probes of the stream, orthonormalized against the basis
+        """Append up to n Gaussian probes of the stream, orthonormalized against the basis
         (coupling 0 to the existing rows: a start or a restart); returns how many."""
         added = 0
-        P = self.op.numel
         while added < n and self.count < self.limit:
-            z = rademacher(self.op.shapes, 1, self.seed, first=self.next_probe,
-                           dtype=self.op.dtype, device=self.op.device)
+            z = gaussian(self.op.shapes, 1, self.seed, first=self.next_probe,
+                         dtype=self.op.dtype, device=self.op.device)
             self.next_probe += 1
             z = [t[0] for t in z]
+            before = math.sqrt(_sq_norm(z))
             _orthogonalize_run(z, self.basis.rows, self.count, 2)
             norm = math.sqrt(_sq_norm(z))
-            # A probe (||r|| = sqrt(P)) left with less than sqrt(eps) of its norm lies
-            # numerically in the span of the basis: the space is exhausted.
-            if norm <= math.sqrt(self.eps_zero * P):
+            # A Gaussian probe left with less than sqrt(eps) of its norm lies numerically in the
+            # span of the basis: the space is exhausted (count < P leaves a random probe a
+            # component of norm ~ sqrt(P - count) outside, with probability 1).
+            if norm <= math.sqrt(self.eps_zero) * before:
                 break
             self.ensure(self.count + 1)
             _scale_into([r[self.count] for r in self.basis.rows], z, 1.0 / norm)

@@ -36,7 +36,7 @@ import reference
 from gradience_kernels.curvature_eigen import (EigenResult, SpectralDensity, StabilityMargin,
                                                lanczos, power_iteration, slq_density,
                                                stability_margin)
-from gradience_kernels.curvature_kernels import rademacher
+from gradience_kernels.curvature_kernels import gaussian, rademacher
 from gradience_kernels.curvature_operators import MatrixOperator
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch/BLAS thread
@@ -247,6 +247,41 @@ def test_lanczos_invariant_subspaces_restart():
         assert r.matvecs < 40   # short of exhausting the space
 
 
+def test_lanczos_start_and_restarts_reach_every_eigenvector():
+    """Structured operators on which +-1 start and restart probes (the probes before Gaussian
+    ones) miss an eigenvector exactly: [[2, 1], [1, 2]] (a start (1, -1) is orthogonal to the
+    top eigenvector (1, 1)), the Hadamard-rotated diag(4, 3, 2, 1), an axis-aligned repeated
+    top eigenvalue ([3, 3, 2, 1]: a restart probe in the span of the basis; [5] * 4 + [1] * 30:
+    a restart probe without a component on the last copy of 5). Every seed must find the true
+    top values, and the converged flags must not claim otherwise."""
+    hadamard = np.array([[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]]) / 2.0
+    cases = [(np.array([[2.0, 1], [1, 2]]), 1),
+             (hadamard @ np.diag([4.0, 3, 2, 1]) @ hadamard.T, 2),
+             (np.diag([3.0, 3, 2, 1]), 2),
+             (np.diag([5.0] * 4 + [1.0] * 30 + [0.0] * 6), 5)]
+    for A, k in cases:
+        want = np.sort(np.linalg.eigvalsh(A))[::-1][:k]
+        for seed in range(8):
+            for reorth in ("full", "partial"):
+                r = lanczos(MatrixOperator(torch.from_numpy(A)), k=k, seed=seed, reorth=reorth)
+                assert r.all_converged
+                assert np.abs(r.eigenvalues.numpy() - want).max() <= 1e-12, (A.shape, seed)
+
+
+def test_power_iteration_structured_starts_and_stalls():
+    """The all-ones matrix: a zero-sum +-1 start gives A v = 0 (the probes before Gaussian ones
+    returned eigenvalue 0, converged). diag(3, -3, 1, 0.5): the quotient of a +-3 pair stalls
+    at ~0 with residual ||A v||; PyHessian's change rule passes it, ``converged`` must not."""
+    ones = MatrixOperator(torch.ones(4, 4, dtype=torch.float64))
+    for seed in range(8):
+        r = power_iteration(ones, k=1, seed=seed)
+        assert r.all_converged and abs(float(r.eigenvalues[0]) - 4.0) <= 1e-12
+    pair = MatrixOperator(torch.diag(torch.tensor([3.0, -3.0, 1.0, 0.5], dtype=torch.float64)))
+    with pytest.warns(RuntimeWarning, match="stalled"):
+        r = power_iteration(pair, k=1)
+    assert not r.converged[0] and float(r.residuals[0]) > 1.0
+
+
 def test_operator_returning_its_input():
     """An identity operator that hands back its input batch: the estimators orthogonalize the
     products in place, so they must copy them rather than edit their own basis. Every
@@ -333,7 +368,7 @@ def test_power_iteration_matches_pyhessian_reference():
     A = _spectral_matrix(_spectrum("outliers", P, seed=7), seed=3)
     op = _op(A)
     r = power_iteration(op, k=4, tol=1e-8, max_iter=2000)
-    starts = op.flatten(rademacher(op.shapes, 4, 0, dtype=torch.float64)).numpy()
+    starts = op.flatten(gaussian(op.shapes, 4, 0, dtype=torch.float64)).numpy()
     vals, vecs, iters = reference.power_iteration_deflated(A.numpy(), starts, 1e-8, 2000)
     assert r.iterations == int(iters.sum()) == r.matvecs == op.matvecs
     assert np.abs(r.eigenvalues.numpy() - vals).max() <= 1e-10 * np.abs(vals).max()
