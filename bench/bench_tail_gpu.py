@@ -13,7 +13,6 @@ Writes bench_tail_<gpu name>.json under bench/results (or --out-dir).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 

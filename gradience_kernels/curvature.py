@@ -10,6 +10,7 @@ the curvature modules, in one place.
   ``power_iteration``, ``stability_margin``, ``slq_density``;
 - sample space (curvature_samples.py): ``ntk_gram``, ``gradient_gram``, ``fisher_trace``,
   ``fisher_eigs``, ``gram_eigenvalues``, ``gram_logdet``, ``per_sample_gradients``;
+- operators of extreme scale run as an exact power-of-two multiple (curvature_product_scale.py);
 - the multi-tensor kernels behind them: curvature_kernels.py (Triton on CUDA, C++ on CPU, a
   torch path as their reference).
 """

@@ -43,6 +43,7 @@ from .curvature_kernels import _block_dots_run, _orthogonalize_run, gaussian
 from .curvature_krylov_steps import _all_blocks, _new_rows, _sq_norm
 from .curvature_lanczos import lanczos
 from .curvature_operators import CurvatureOperator
+from .curvature_product_scale import ScaledProducts
 from .curvature_slq import slq_density
 
 __all__ = ["EigenResult", "StabilityMargin", "SpectralDensity", "lanczos", "power_iteration",
@@ -95,6 +96,7 @@ def power_iteration(op: CurvatureOperator, k: int = 1, tol: float = 1e-6, max_it
     near = min(0.5, 10.0 * math.sqrt(tol))  # relative residual of a converged iterate
     start = op.matvecs
     found = _new_rows(op, k, op.dtype)
+    scaled = ScaledProducts(op)  # products of extreme scale run as c A; values divided by c
     blocks = _all_blocks(op)
     values, residuals, converged = [], [], []
     iterations = 0
@@ -110,7 +112,7 @@ def power_iteration(op: CurvatureOperator, k: int = 1, tol: float = 1e-6, max_it
             if nv == 0.0:
                 break
             v = [t / nv for t in v]
-            w = op.matvec(v)
+            w = scaled.matvec(v)
             iterations += 1
             vb = [t.unsqueeze(0) for t in v]
             wb = [t.unsqueeze(0) for t in w]
@@ -127,8 +129,8 @@ def power_iteration(op: CurvatureOperator, k: int = 1, tol: float = 1e-6, max_it
             theta_prev = theta
         for r, t in zip(found, v):
             r[i].copy_(t)
-        values.append(theta)
-        residuals.append(res)
+        values.append(scaled.unscale(theta))
+        residuals.append(scaled.unscale(res))
         converged.append(ok)
     result = EigenResult(
         eigenvalues=torch.tensor(values, dtype=torch.float64),

@@ -10,6 +10,7 @@ import torch
 from .curvature_kernels import block_dots, rademacher
 from .curvature_operators import CurvatureOperator
 from .curvature_trace_basis import _Store, _append_gram, _extend_basis, _sym
+from .curvature_product_scale import ScaledProducts
 from .curvature_trace_common import (_F64, MIN_PROBES, TraceEstimate, _blocks, _check_args,
                                      _check_int, _result, _Running, _small, _stop)
 
@@ -91,6 +92,7 @@ def hutchpp(op: CurvatureOperator, rtol: float | None = None, max_matvecs: int =
         why = f"sketch_size = {sketch_size} probes and as many for A Q, 2 residual probes"
     rtol, max_matvecs, batch_size, seed, min_probes = _check_args(
         op, rtol, max_matvecs, batch_size, seed, min_probes, minimum, "hutchpp", why)
+    op = ScaledProducts(op)  # products of extreme scale run as c A (_result divides by c)
     blocks = _blocks(op)
     nb = len(blocks)
     everything = [list(range(len(op.shapes)))]

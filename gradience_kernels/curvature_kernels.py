@@ -123,9 +123,11 @@ def rademacher(shapes: Sequence[torch.Size], batch: int, seed: int, first: int =
 
     Entry i of probe j (entries numbered across the list in order, starting at `offset`: a
     shard of a larger vector passes its first global index) is the sign of the top bit of a
-    counter-based hash h(seed mod 2^32, j, i) (MurmurHash3's 32-bit finalizer applied twice;
-    counter-based generation as in Salmon et al. 2011, "Parallel random numbers: as easy as
-    1, 2, 3"): probe j is bitwise the same whatever the batch split, device or backend."""
+    counter-based hash h(seed mod 2^32, j mod 2^32, i) (MurmurHash3's 32-bit finalizer applied
+    twice; counter-based generation as in Salmon et al. 2011, "Parallel random numbers: as easy
+    as 1, 2, 3"): probe j is bitwise the same whatever the batch split, device or backend. A
+    stream thus holds 2^32 distinct probes (probe j + 2^32 is probe j again), far beyond any
+    estimator's budget; entries i go to 2^63."""
     return _probes(shapes, batch, seed, first, dtype, device, backend, False, offset)
 
 

@@ -26,6 +26,7 @@ from .curvature_krylov_steps import (_BREAKDOWN_ULPS, _REORTH_RATIO, _Basis, _lo
                                      _omega_step, _owned, _reorth_step, _scale_into, _sq_norm,
                                      _tridiagonal_eigh)
 from .curvature_operators import CurvatureOperator
+from .curvature_product_scale import ScaledProducts
 from .curvature_orthogonality import OrthogonalityEstimate, decision_eps
 
 __all__ = ["lanczos"]
@@ -142,7 +143,9 @@ def lanczos(op: CurvatureOperator, k: int = 5, which: str = "largest", tol: floa
 
 
     start = op.matvecs
-    run = _Krylov(op, bdtype, block_size, min(P, max_iter + block_size), seed,
+    # Products of extreme scale run as c A (curvature_product_scale); values are divided by c.
+    scaled = ScaledProducts(op)
+    run = _Krylov(scaled, bdtype, block_size, min(P, max_iter + block_size), seed,
                   partial=reorth == "partial", tol=tol)
     run.add_random(block_size)
     ritz = None
@@ -183,8 +186,8 @@ def lanczos(op: CurvatureOperator, k: int = 5, which: str = "largest", tol: floa
         coeffs = torch.from_numpy(np.ascontiguousarray(S)).to(op.device)
         vectors = combine(run.basis.rows, run.done, coeffs, dtype=op.dtype)
     result = EigenResult(
-        eigenvalues=torch.from_numpy(theta.copy()),
-        residuals=torch.from_numpy(resid.copy()),
+        eigenvalues=torch.from_numpy(theta / scaled.factor),
+        residuals=torch.from_numpy(resid / scaled.factor),
         converged=torch.from_numpy(converged.copy()),
         matvecs=op.matvecs - start, iterations=run.steps, method="lanczos",
         eigenvectors=vectors, tol=tol, restarts=run.restarts,

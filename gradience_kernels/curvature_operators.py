@@ -17,6 +17,7 @@ be imported first).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,6 +37,18 @@ class Block:
     tensors: tuple[int, ...]
 
 
+def _check_shape(shape, i: int) -> torch.Size:
+    """shapes[i] as a torch.Size of non-negative sizes, or a clear error."""
+    try:
+        size = torch.Size(shape)
+    except TypeError:
+        raise TypeError(f"shapes[{i}]: expected a tuple of sizes (e.g. (5,) or torch.Size), "
+                        f"got {shape!r}") from None
+    if any(d < 0 for d in size):
+        raise ValueError(f"shapes[{i}]: sizes must be >= 0, got {tuple(size)}")
+    return size
+
+
 class CurvatureOperator:
     """A symmetric P x P operator on lists of parameter-shaped tensors.
 
@@ -48,12 +61,16 @@ class CurvatureOperator:
 
     def __init__(self, shapes: Sequence[torch.Size], dtype: torch.dtype, device: torch.device,
                  blocks: Sequence[Block] | None = None, names: Sequence[str] | None = None):
-        self.shapes = [torch.Size(s) for s in shapes]
+        self.shapes = [_check_shape(s, i) for i, s in enumerate(shapes)]
         self.dtype = dtype
         self.device = torch.device(device)
         self.names = list(names) if names is not None else [f"t{i}" for i in range(len(shapes))]
+        if len(self.names) != len(self.shapes):
+            raise ValueError(f"names: expected one per tensor ({len(self.shapes)}), got "
+                             f"{len(self.names)}: {self.names}")
         if blocks is None:
             blocks = [Block(n, (i,)) for i, n in enumerate(self.names)]
+        blocks = list(blocks)  # a generator would be spent by the coverage check below
         covered = sorted(i for b in blocks for i in b.tensors)
         if covered != list(range(len(self.shapes))):
             raise ValueError(f"blocks: must cover every tensor index exactly once, got "
@@ -148,10 +165,22 @@ class MatrixOperator(CurvatureOperator):
     def __init__(self, matrix: torch.Tensor, shapes: Sequence[torch.Size] | None = None,
                  blocks: Sequence[Block] | None = None, names: Sequence[str] | None = None,
                  psd: bool = False):
+        if not isinstance(matrix, torch.Tensor):
+            raise TypeError(f"matrix: expected a torch.Tensor, got {type(matrix).__name__} "
+                            f"(torch.as_tensor converts NumPy arrays)")
         if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"matrix: expected a square 2-D tensor, got shape {list(matrix.shape)}")
         if not matrix.is_floating_point():
             raise TypeError(f"matrix: expected a float dtype, got {matrix.dtype}")
+        # The estimators assume A = A^T (a non-symmetric N made SLQ estimate moments of N^T N
+        # silently). The bound leaves room for autograd's float32 Hessians (asymmetric by
+        # ~1e-6 ||A||): sqrt(eps) of the dtype, relative to the largest entry.
+        with torch.no_grad():
+            amax = float(matrix.abs().max()) if matrix.numel() else 0.0
+            asym = float((matrix - matrix.T).abs().max()) if matrix.numel() else 0.0
+        if math.isfinite(amax) and asym > math.sqrt(torch.finfo(matrix.dtype).eps) * amax:
+            raise ValueError(f"matrix: not symmetric (max |A - A^T| = {asym:.3g}, max |A| = "
+                             f"{amax:.3g}); pass (A + A^T) / 2 for its symmetric part")
         if shapes is None:
             shapes = [torch.Size([matrix.shape[0]])]
         super().__init__(shapes, matrix.dtype, matrix.device, blocks, names)

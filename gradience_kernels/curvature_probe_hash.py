@@ -72,7 +72,9 @@ def _probe_piece(keys: np.ndarray, entry0: int, n: int, gaussian: bool) -> torch
     u2 = torch.from_numpy(_hash_bits(keys, pair + np.uint64(1)).astype(np.float64)).add_(0.5)
     angle = u2.mul_(2.0**-32).mul_(2 * math.pi)
     r = torch.sqrt(-2 * torch.log(u1))
-    both = torch.stack([r * torch.cos(angle), r * torch.sin(angle)], -1).reshape(len(keys), -1)
+    # reshape to an explicit width: a batch of 0 probes has no -1 to infer
+    both = torch.stack([r * torch.cos(angle), r * torch.sin(angle)], -1).reshape(
+        len(keys), 2 * len(pair))
     return both[:, first:first + n]
 
 

@@ -20,9 +20,12 @@ Conventions (batch, params, SDPA math kernel): curvature_model_problem.py.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.func as tfunc
 from torch import nn
@@ -189,12 +192,21 @@ def gram_logdet(gram: torch.Tensor, jitter: float = 0.0) -> torch.Tensor:
     rounding of the Gram's entries), and the log-determinant would be noise or -inf. Pass a
     jitter > 0 (absolute, added to the diagonal) for a numerically singular Gram, e.g. N >
     rank when N exceeds the parameter count."""
-    if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not jitter >= 0 \
-            or jitter == float("inf"):
-        raise ValueError(f"jitter: expected a finite float >= 0, got {_describe(jitter)}")
+    if isinstance(jitter, torch.Tensor) and jitter.numel() == 1 and \
+            not jitter.dtype.is_complex and jitter.dtype != torch.bool:
+        jitter = jitter.item()
+    if isinstance(jitter, (bool, np.bool_)) or not isinstance(jitter, numbers.Real):
+        raise TypeError(f"jitter: expected a finite float >= 0, got {_describe(jitter)}")
+    jitter = float(jitter)
+    if not (jitter >= 0 and math.isfinite(jitter)):
+        raise ValueError(f"jitter: expected a finite float >= 0, got {jitter!r}")
     lam = gram_eigenvalues(gram) + jitter
     n = lam.shape[0]
     tol = n * torch.finfo(gram.dtype).eps * float(lam.abs().max())
+    if float(lam[-1]) < -tol:
+        raise ValueError(f"gram: not positive semi-definite (smallest eigenvalue "
+                         f"{float(lam[-1]):.3e} < -n eps ||K|| = {-tol:.3e} with jitter "
+                         f"{jitter}): not a Gram matrix J J^T")
     if float(lam[-1]) <= tol:
         raise ValueError(f"gram: singular to working precision (smallest eigenvalue "
                          f"{float(lam[-1]):.3e} <= n eps ||K|| = {tol:.3e} with jitter "
@@ -235,8 +247,11 @@ def fisher_eigs(model: nn.Module, loss_fn: Callable, batch, k: int = 5,
     """The top-k eigenvalues of the empirical Fisher F = G^T G / N, descending, float64: the
     nonzero eigenvalues of G^T G / N [P x P] are those of G G^T / N [N x N] (the SVD of G),
     so F's top k <= N eigenvalues come from the N x N Gram exactly."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k: expected a positive int, got {_describe(k)}")
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k: expected a positive int, got {_describe(k)}")
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"k: expected a positive int, got {k}")
     check_chunk_size(chunk_size)
     p = _problem(model, loss_fn, batch, params)
     numel = sum(s.numel() for s in p.shapes)

@@ -11,6 +11,7 @@ Z. Yao et al., "PyHessian" (2020).
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import scipy.linalg
@@ -23,9 +24,13 @@ from .curvature_kernels import rademacher
 from .curvature_krylov_steps import (_BREAKDOWN_ULPS, _local_step, _new_rows, _omega_step,
                                      _owned, _reorth_step)
 from .curvature_operators import CurvatureOperator
+from .curvature_product_scale import ScaledProducts
 from .curvature_orthogonality import OrthogonalityEstimate, decision_eps
 
 __all__ = ["slq_density"]
+
+
+_MAX_DEFAULT_GRID = 1 << 20  # 8 MiB of float64 grid, as much again for the density
 
 
 def slq_density(op: CurvatureOperator, n_probes: int = 8, steps: int = 64,
@@ -56,7 +61,8 @@ def slq_density(op: CurvatureOperator, n_probes: int = 8, steps: int = 64,
             when all nodes coincide).
         n_grid: default grid size (an error with grid=); default max(1000, span / (sigma / 4))
             so that the trapezoid rule integrates each Gaussian to ~1e-30 (its error is
-            exp(-2 pi^2 sigma^2 / h^2)).
+            exp(-2 pi^2 sigma^2 / h^2)), at most 2^20 (a RuntimeWarning when sigma would need
+            more).
         basis_dtype: storage dtype of the Lanczos bases (default op.dtype).
         reorth: "full" (default) or "partial" (each probe's basis against its whole basis only
             when its estimated loss of orthogonality exceeds sqrt(eps); see lanczos).
@@ -83,6 +89,7 @@ def slq_density(op: CurvatureOperator, n_probes: int = 8, steps: int = 64,
     reorth = _check_reorth(reorth)
 
     start = op.matvecs
+    scaled = ScaledProducts(op)  # products of extreme scale run as c A; nodes divided by c
     m = min(steps, P)
     nv = n_probes
     rows = _new_rows(op, m, bdtype, lead=(nv,))     # per tensor [n_v, m, *shape]
@@ -110,7 +117,7 @@ def slq_density(op: CurvatureOperator, n_probes: int = 8, steps: int = 64,
         else:
             sel = torch.tensor(active, device=op.device)
             Q = [r[sel, j].to(op.dtype) for r in rows]
-        W = _owned(op.matmat(Q), rows)
+        W = _owned(scaled.matmat(Q), rows)
         still = []
         for a, l in enumerate(active):
             w = [t[a] for t in W]
@@ -158,6 +165,7 @@ def slq_density(op: CurvatureOperator, n_probes: int = 8, steps: int = 64,
         nodes[l, :L] = th
         nodes[l, L:] = th[-1]           # padding: a real node with zero weight
         weights[l, :L] = S[0] ** 2
+    nodes /= scaled.factor  # exact: a power of two
     # A probe that spanned the whole space (L = P) has T_P similar to A: exact for every f.
     invariant |= lengths == P
     # Probes whose space stayed open have quadrature exact to degree 2 L - 1.
@@ -171,6 +179,16 @@ def slq_density(op: CurvatureOperator, n_probes: int = 8, steps: int = 64,
         a, b = lo - 8.0 * sigma, hi + 8.0 * sigma
         if n_grid is None:
             n_grid = max(1000, int(math.ceil((b - a) / (sigma / 4.0))) + 1)
+            if n_grid > _MAX_DEFAULT_GRID:
+                # A sigma tiny against the spread of the nodes: sigma=1e-9 on a spectrum of
+                # width 60 asked for 3e10 points (242 GB).
+                warnings.warn(f"slq_density: sigma={sigma:g} over nodes spanning [{lo:.4g}, "
+                              f"{hi:.4g}] needs {n_grid} grid points at spacing sigma / 4; the "
+                              f"default grid is capped at {_MAX_DEFAULT_GRID} (spacing "
+                              f"{(b - a) / (_MAX_DEFAULT_GRID - 1):.3g}, so it does not "
+                              f"integrate to 1): pass grid= for a window of the spectrum",
+                              RuntimeWarning, stacklevel=2)
+                n_grid = _MAX_DEFAULT_GRID
         grid = torch.linspace(a, b, n_grid, dtype=torch.float64)
     density = _broadened(grid, nodes.reshape(-1), weights.reshape(-1) / nv, sigma)
     return SpectralDensity(grid=grid, density=density, nodes=torch.from_numpy(nodes),

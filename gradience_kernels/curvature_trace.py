@@ -37,6 +37,7 @@ from __future__ import annotations
 from .curvature_hutchpp import hutchpp
 from .curvature_kernels import block_dots, rademacher
 from .curvature_operators import CurvatureOperator
+from .curvature_product_scale import ScaledProducts
 from .curvature_trace_common import (METHODS, MIN_PROBES, XTRACE_PROBES, TraceEstimate,
                                      _blocks, _check_args, _result, _Running, _small, _stop)
 from .curvature_xtrace import xtrace
@@ -63,6 +64,7 @@ def hutchinson(op: CurvatureOperator, rtol: float | None = None, max_matvecs: in
     rtol, max_matvecs, batch_size, seed, min_probes = _check_args(
         op, rtol, max_matvecs, batch_size, seed, min_probes, 2, "hutchinson",
         "two probes for a standard error")
+    op = ScaledProducts(op)  # products of extreme scale run as c A (_result divides by c)
     blocks = _blocks(op)
     start, used = op.matvecs, 0
     run = _Running(len(blocks))

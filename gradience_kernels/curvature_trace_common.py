@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .curvature_operators import CurvatureOperator
+from .curvature_product_scale import ScaledProducts
 
 METHODS = ("hutch++", "hutchinson", "xtrace")
 XTRACE_PROBES = ("sphere", "gaussian", "rademacher")
@@ -171,6 +172,10 @@ def _stop(rtol, m: int, min_probes: int, est: float, se: float) -> bool:
 def _result(op, method, est, se, means, ses, used, probes, converged, rtol, max_matvecs,
             history, seed, start, sketch_size=0, rank=0) -> TraceEstimate:
     counted = op.matvecs - start
+    if isinstance(op, ScaledProducts) and op.factor != 1.0:  # back to A's scale, exactly
+        c = op.factor
+        est, se, means, ses = est / c, se / c, means / c, ses / c
+        history = [(m, e / c, s / c) for m, e, s in history]
     if counted != used:
         warnings.warn(f"{method}: the operator counted {counted} matvecs, the estimator used "
                       f"{used} (does its _matmat add V[0].shape[0] to op.matvecs?)",

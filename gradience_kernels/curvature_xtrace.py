@@ -10,6 +10,7 @@ import torch
 from .curvature_kernels import block_dots, gaussian, rademacher
 from .curvature_operators import CurvatureOperator
 from .curvature_trace_basis import _Store, _append_gram, _extend_basis, _gram, _sym
+from .curvature_product_scale import ScaledProducts
 from .curvature_trace_common import (_F64, MIN_PROBES, XTRACE_PROBES, TraceEstimate, _blocks,
                                      _check_args, _result, _small, _stop)
 
@@ -101,8 +102,11 @@ def xtrace(op: CurvatureOperator, rtol: float | None = None, max_matvecs: int = 
     the T_i are exchangeable, not independent, so it is a heuristic, not a sample SE: their
     positive correlation through the shared basis makes it optimistic on decaying spectra,
     measured RMS error / RMS reported SE = 1.2-1.7 for lambda_i = i^-2 and 0.9^i, 1.0-1.2 for
-    flat spectra; with rtol, the actual error is then up to ~1.7 rtol, and 2-3.4 rtol was
-    measured on the bench MLP's GGN, bench/results/bench_curvature_cpu.json). Per block: the same
+    flat spectra with m << P; with rtol, the actual error is then up to ~1.7 rtol, and 2-3.4
+    rtol was measured on the bench MLP's GGN, bench/results/bench_curvature_cpu.json; it
+    grows as m approaches P: on a flat spectrum (uniform on [0.5, 1.5], P = 200, 150 seeds)
+    1.14 / 1.39 / 2.2 / 2.5 at m = 20 / 60 / 120 / 150, coverage at 3 SE 0.8 at m >= 120, and
+    rtol 7e-4 (~290 matvecs) ended 2.2 rtol off in RMS; 1.09 at P = 600, m = 60). Per block: the same
     with T_{i,b} (_xtrace_samples), unbiased for tr(A_bb), sum over blocks = T_i.
 
     Streaming: each batch of b probes adds b columns to Y; Q grows by Gram-Schmidt of the new
@@ -121,6 +125,7 @@ def xtrace(op: CurvatureOperator, rtol: float | None = None, max_matvecs: int = 
     rtol, max_matvecs, batch_size, seed, min_probes = _check_args(
         op, rtol, max_matvecs, batch_size, seed, min_probes, 4, "xtrace",
         "2 probes for the leave-one-out error estimate and 2 for A Q")
+    op = ScaledProducts(op)  # products of extreme scale run as c A (_result divides by c)
     blocks = _blocks(op)
     nb = len(blocks)
     everything = [list(range(len(op.shapes)))]

@@ -514,6 +514,29 @@ def test_slq_exact_when_space_exhausted_or_invariant():
     assert torch.allclose(d.probe_moments(8), dense, rtol=1e-10, atol=0)
 
 
+def test_estimators_on_an_operator_whose_products_require_grad():
+    """A matrix that requires grad (products carry an autograd graph): SLQ failed in .numpy()
+    on its coefficients; every estimator now works on detached products, and the graph of the
+    matrix is not touched."""
+    A = _spectral_matrix(_spectrum("outliers", 30, seed=1), seed=2).requires_grad_()
+    op = MatrixOperator(A)
+    d = slq_density(op, n_probes=2, steps=8)
+    assert abs(d.integral() - 1) <= 1e-6
+    ev = np.linalg.eigvalsh(A.detach().numpy())
+    assert abs(float(lanczos(op, k=1).eigenvalues[0]) - ev[-1]) <= 1e-8 * np.abs(ev).max()
+    assert A.grad is None and A.requires_grad
+
+
+def test_slq_default_grid_is_capped():
+    """A sigma tiny against the spread of the nodes asked the default grid for billions of
+    points (sigma=1e-9 over a spectrum of width 60: 3e10, 242 GB); it is capped at 2^20 with a
+    warning that says why and what to pass."""
+    op = _op(_spectral_matrix(_spectrum("outliers", 40, seed=3), seed=1))
+    with pytest.warns(RuntimeWarning, match="default grid is capped at 1048576"):
+        d = slq_density(op, n_probes=2, steps=6, sigma=1e-9)
+    assert d.grid.numel() == 1 << 20 and torch.isfinite(d.density).all()
+
+
 def test_slq_moments_cover_truth():
     """moment(p) estimates tr(A^p) / P with the standard error over probes: over 100 seeds,
     |estimate - truth| <= 3 SE in all but a few. With 16 probes the t statistic has 15 degrees
@@ -750,7 +773,8 @@ def test_power_iteration_warns_when_tol_is_below_the_products_resolution():
     # two iterates can agree by rounding alone (measured: a bfloat16 GGN stopped at the second
     # eigenvalue after 7 matvecs with tol 1e-3).
     A = torch.diag(torch.linspace(1, 2, 30)).to(torch.bfloat16)
-    with pytest.warns(RuntimeWarning, match="below the resolution"):
+    with pytest.warns(RuntimeWarning, match="below the resolution"), \
+            pytest.warns(RuntimeWarning, match="not converged"):  # 5 iterations: a budget stop
         power_iteration(MatrixOperator(A, psd=True), tol=1e-3, max_iter=5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -196,6 +196,24 @@ def test_probe_j_is_the_same_whatever_the_split(backend, kind):
     assert not torch.equal(single[0], single[1])
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_empty_batches_and_the_stream_period(backend, kind):
+    """A batch of 0 probes (and probe dots of 0 products) is empty on every path (the torch
+    path's Gaussian failed to reshape it); probe j + 2^32 is probe j (the documented period of a
+    stream: the probe index enters the hash mod 2^32)."""
+    dev = TDEV if backend == "triton" else CPU
+    gen = getattr(ck, kind)
+    empty = gen([(3,), (2, 2)], 0, 1, 0, torch.float64, dev, backend)
+    assert [tuple(t.shape) for t in empty] == [(0, 3), (0, 2, 2)]
+    dots = getattr(ck, f"{kind}_dots")([torch.zeros(0, 3, dtype=torch.float64, device=dev)],
+                                       [[0]], 1, backend=backend)
+    assert tuple(dots.shape) == (1, 0)
+    a = gen([(9,)], 2, 5, 7, torch.float64, dev, backend)[0]
+    b = gen([(9,)], 2, 5, 7 + 2**32, torch.float64, dev, backend)[0]
+    assert torch.equal(a, b)
+
+
 def test_rademacher_distribution():
     """Entries are exactly +-1; mean and covariances within Hoeffding + union bounds at
     delta = 1e-6 (the seeds are fixed: a correct hash passes always, a hash with structure --

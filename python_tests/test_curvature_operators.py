@@ -433,6 +433,31 @@ def test_construction_runs_no_forward():
 
 
 # ------------------------------------------------------------------------ bad input
+def test_matrix_operator_checks_its_arguments():
+    """An explicit matrix that is not symmetric (SLQ then estimated moments of N^T N without a
+    word), a NumPy array, a bare int as a shape, a negative size, a names list of the wrong
+    length: each a clear error naming the argument; blocks given as a generator are kept."""
+    from gradience_kernels.curvature_operators import Block, MatrixOperator
+    N = torch.tensor(np.random.default_rng(5).standard_normal((20, 20)))
+    with pytest.raises(ValueError, match="matrix: not symmetric"):
+        MatrixOperator(N)
+    MatrixOperator((N + N.T) / 2)
+    # float32 autograd Hessians are asymmetric by ~1e-6 of their norm: accepted
+    S = ((N + N.T) / 2).float()
+    MatrixOperator(S + 1e-6 * torch.randn(20, 20, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(TypeError, match="matrix: expected a torch.Tensor, got ndarray"):
+        MatrixOperator(np.eye(3))
+    with pytest.raises(TypeError, match=r"shapes\[0\]: expected a tuple of sizes"):
+        MatrixOperator(torch.eye(5), shapes=[5])
+    with pytest.raises(ValueError, match=r"shapes\[0\]: sizes must be >= 0"):
+        MatrixOperator(torch.eye(5), shapes=[(-5,)])
+    with pytest.raises(ValueError, match=r"names: expected one per tensor \(2\), got 1"):
+        MatrixOperator(torch.eye(3), shapes=[(1,), (2,)], names=["a"])
+    op = MatrixOperator(torch.eye(3), shapes=[(1,), (2,)],
+                        blocks=(Block(n, (i,)) for i, n in enumerate("ab")))
+    assert [b.name for b in op.blocks] == ["a", "b"]
+
+
 def test_bad_inputs_raise_clear_errors():
     model, loss_fn, batch = problem("mlp")
     x, y = batch

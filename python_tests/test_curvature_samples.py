@@ -11,6 +11,7 @@ the perturbation (Weyl), bounded by N times that entrywise bound.
 
 from __future__ import annotations
 
+import math
 
 import numpy as np
 import pytest
@@ -227,6 +228,19 @@ def test_bad_inputs():
         cs.gram_logdet(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
     with pytest.raises(ValueError, match="jitter: expected a finite float >= 0"):
         cs.gram_logdet(torch.eye(2), jitter=-1.0)
+    with pytest.raises(TypeError, match="jitter: expected a finite float >= 0"):
+        cs.gram_logdet(torch.eye(2), jitter="0.1")
+    with pytest.raises(TypeError, match="k: expected a positive int"):
+        cs.fisher_eigs(model, loss_fn, batch, k=2.0)
+    with pytest.raises(ValueError, match="gram: not positive semi-definite"):
+        cs.gram_logdet(-torch.eye(3, dtype=torch.float64))
+    # NumPy and 0-d tensor scalars are numbers like any other
+    want = math.log(1.1) * 2
+    for jitter in (np.float32(0.1), np.float64(0.1), torch.tensor(0.1, dtype=torch.float64)):
+        assert abs(float(cs.gram_logdet(torch.eye(2, dtype=torch.float64), jitter=jitter))
+                   - want) <= 1e-7
+    assert torch.equal(cs.fisher_eigs(model, loss_fn, batch, k=np.int64(2)),
+                       cs.fisher_eigs(model, loss_fn, batch, k=2))
 
     class Scalar(nn.Module):
         def __init__(self):

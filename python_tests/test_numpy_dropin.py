@@ -3,7 +3,6 @@ test vectors (computed from the scripts' formulas) and the sort-based reference.
 
 import numpy as np
 import pytest
-import torch
 
 import reference as ref
 from gradience_kernels import numpy as gnp

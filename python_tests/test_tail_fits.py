@@ -1,8 +1,6 @@
 """Fits of the tail (GPD, McCulloch stable), intervals and the power-law/exponential test,
 against SciPy on the same data."""
 
-import math
-
 import numpy as np
 import pytest
 import torch
