@@ -83,7 +83,9 @@ def hutchpp(op: CurvatureOperator, rtol: float | None = None, max_matvecs: int =
     spectrum still pays one sketch batch, 2 b matvecs, that Hutchinson would not.)
 
     Probes: sketch probes are probes 0 .. sketch_size-1 of curvature_kernels.rademacher's stream
-    ``seed``, residual probes the following ones."""
+    ``seed``, residual probes the following ones. A sketch whose Q spans the whole space (a
+    small P) makes the exact part the trace: it is returned at once, stderr 0 (converged when
+    rtol is given)."""
     if sketch_size is None:
         minimum, why = 4, "1 sketch probe, 1 for A Q, 2 residual probes"
     else:
@@ -151,6 +153,14 @@ def hutchpp(op: CurvatureOperator, rtol: float | None = None, max_matvecs: int =
     run = _Running(nb)
     history: list[tuple[int, float, float]] = []
     converged = False
+    if Q.count == op.numel:
+        # Q spans the whole space: tr(Q^T A Q) is the trace to rounding, the residual is 0 and
+        # residual probes would only spend the budget (min_probes of them: never 'converged').
+        means, ses = exact, torch.zeros_like(exact)
+        est, se = float(means.sum()), 0.0
+        history.append((used, est, se))
+        return _result(op, "hutch++", est, se, means, ses, used, drawn, rtol is not None, rtol,
+                       max_matvecs, history, seed, start, sketch_size=sketch, rank=Q.count)
     while used < max_matvecs:
         b = min(batch_size, max_matvecs - used)
         Z = rademacher(op.shapes, b, seed, first=drawn, dtype=op.dtype, device=op.device)

@@ -106,8 +106,8 @@ def xtrace(op: CurvatureOperator, rtol: float | None = None, max_matvecs: int = 
     rtol was measured on the bench MLP's GGN, bench/results/bench_curvature_cpu.json; it
     grows as m approaches P: on a flat spectrum (uniform on [0.5, 1.5], P = 200, 150 seeds)
     1.14 / 1.39 / 2.2 / 2.5 at m = 20 / 60 / 120 / 150, coverage at 3 SE 0.8 at m >= 120, and
-    rtol 7e-4 (~290 matvecs) ended 2.2 rtol off in RMS; 1.09 at P = 600, m = 60). Per block: the same
-    with T_{i,b} (_xtrace_samples), unbiased for tr(A_bb), sum over blocks = T_i.
+    rtol 7e-4 (~290 matvecs) ended 2.2 rtol off in RMS; 1.09 at P = 600, m = 60). Per block:
+    the same with T_{i,b} (_xtrace_samples), unbiased for tr(A_bb), sum over blocks = T_i.
 
     Streaming: each batch of b probes adds b columns to Y; Q grows by Gram-Schmidt of the new
     columns against the old basis (old columns kept), so a batch costs b matvecs for A omega
@@ -118,8 +118,10 @@ def xtrace(op: CurvatureOperator, rtol: float | None = None, max_matvecs: int = 
     probes: "sphere" (default, the paper's choice: Gaussian probes scaled to norm sqrt(P), with
     its "improved" residual scaling), "gaussian" or "rademacher" (plain XTrace). Probe i is
     probe i of curvature_kernels.gaussian's (or rademacher's) stream ``seed``, normalized for
-    "sphere". Stops after a batch once m >= min_probes and stderr <= rtol |estimate|, or when
-    the next batch's 2 b matvecs would exceed max_matvecs."""
+    "sphere". Stops after a batch once m >= min_probes and stderr <= rtol |estimate|, when
+    the next batch's 2 b matvecs would exceed max_matvecs, or once Q spans the whole space with
+    m > P probes (a small P: every T_i is then the trace to rounding; converged when rtol is
+    given)."""
     if probes not in XTRACE_PROBES:
         raise ValueError(f"probes: expected one of {XTRACE_PROBES}, got {probes!r}")
     rtol, max_matvecs, batch_size, seed, min_probes = _check_args(
@@ -197,6 +199,11 @@ def xtrace(op: CurvatureOperator, rtol: float | None = None, max_matvecs: int = 
         history.append((used, est, se))
         if _stop(rtol, m, min_probes, est, se):
             converged = True
+            break
+        if Q.count == n and m > n:
+            # Every leave-one-out sketch spans the whole space: each T_i is tr(A) to rounding,
+            # and further probes cannot change it (a P = 5 operator spent its whole budget).
+            converged = rtol is not None
             break
     Tb = estimate(per_block=True)                 # [nb, m]
     means = Tb.mean(1)

@@ -280,6 +280,26 @@ def test_strided_products_give_the_same_estimates(fn):
     assert np.allclose(a.block_traces, b.block_traces, rtol=0, atol=rounding_tol(A))
 
 
+def test_small_space_spanned_stops_at_once():
+    """P = 5: once Hutch++'s Q (or XTrace's, with more probes than P) spans the whole space the
+    estimate is tr(A) to rounding; both used to spend the rest of the budget on probes that
+    cannot change it, and Hutch++ then never reported 'converged' (min_probes unmet)."""
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((5, 5))
+    A = torch.tensor(X @ X.T + np.eye(5))
+    op = MatrixOperator(A, [torch.Size([2]), torch.Size([3])])
+    tr = float(A.trace())
+    for rtol in (0.1, None):
+        hpp = ct.hutchpp(op, rtol=rtol, max_matvecs=30, sketch_size=8)
+        assert hpp.rank == 5 and hpp.matvecs == 8 + 5 and hpp.converged == (rtol is not None)
+        assert abs(hpp.trace - tr) <= 1e-12 * tr and hpp.stderr == 0
+        np.testing.assert_allclose(hpp.block_traces, [float(A[:2, :2].trace()),
+                                                      float(A[2:, 2:].trace())], rtol=1e-12)
+        xt = ct.xtrace(op, rtol=rtol, max_matvecs=200, batch_size=4)
+        assert xt.rank == 5 and xt.matvecs < 30 and xt.converged == (rtol is not None)
+        assert abs(xt.trace - tr) <= 1e-12 * tr and xt.stderr <= 1e-12 * tr
+
+
 def test_zero_operator():
     op = MatrixOperator(torch.zeros(40, 40, dtype=torch.float64), [torch.Size([40])])
     for fn in (ct.hutchinson, ct.hutchpp, ct.xtrace):
