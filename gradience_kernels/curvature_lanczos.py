@@ -195,8 +195,8 @@ def lanczos(op: CurvatureOperator, k: int = 5, which: str = "largest", tol: floa
     if not result.all_converged:
         warnings.warn(f"lanczos: {int((~converged).sum())} of k={k} Ritz values not converged "
                       f"after {result.matvecs} matvecs (max_iter={max_iter}, tol={tol:g}); "
-                      f"largest residual {float(resid.max()):.3g}", RuntimeWarning,
-                      stacklevel=2)
+                      f"largest residual {float(resid.max()) / scaled.factor:.3g}",
+                      RuntimeWarning, stacklevel=2)
     return result
 
 

@@ -37,6 +37,18 @@ class Block:
     tensors: tuple[int, ...]
 
 
+def _max_and_asymmetry(matrix: torch.Tensor, rows: int = 256) -> tuple[float, float]:
+    """(max |A|, max |A - A^T|), a block of rows at a time: whole-matrix temporaries doubled
+    the memory of a large matrix at construction."""
+    amax = asym = 0.0
+    with torch.no_grad():
+        for i in range(0, matrix.shape[0], rows):
+            block = matrix[i:i + rows]
+            amax = max(amax, float(block.abs().max()))
+            asym = max(asym, float((block - matrix[:, i:i + rows].T).abs().max()))
+    return amax, asym
+
+
 def _check_shape(shape, i: int) -> torch.Size:
     """shapes[i] as a torch.Size of non-negative sizes, or a clear error."""
     try:
@@ -175,9 +187,7 @@ class MatrixOperator(CurvatureOperator):
         # The estimators assume A = A^T (a non-symmetric N made SLQ estimate moments of N^T N
         # silently). The bound leaves room for autograd's float32 Hessians (asymmetric by
         # ~1e-6 ||A||): sqrt(eps) of the dtype, relative to the largest entry.
-        with torch.no_grad():
-            amax = float(matrix.abs().max()) if matrix.numel() else 0.0
-            asym = float((matrix - matrix.T).abs().max()) if matrix.numel() else 0.0
+        amax, asym = _max_and_asymmetry(matrix)
         if math.isfinite(amax) and asym > math.sqrt(torch.finfo(matrix.dtype).eps) * amax:
             raise ValueError(f"matrix: not symmetric (max |A - A^T| = {asym:.3g}, max |A| = "
                              f"{amax:.3g}); pass (A + A^T) / 2 for its symmetric part")

@@ -15,8 +15,12 @@ Multiplying by a power of two is exact (no rounding, unless a product has entrie
 less of its largest, which fall to subnormals: they are below the products' own rounding), so
 the estimators run on c A exactly, and their values in units of A (traces, standard errors,
 eigenvalues, residuals, quadrature nodes) are divided by c, exactly again; everything relative
-(rtol, tol, Ritz vectors, weights) is unchanged. A first product with a NaN or Inf entry is
-refused with a ValueError (it used to surface as LAPACK's "dstebz failed" or eigh's
+(rtol, tol, Ritz vectors, weights) is unchanged. c must be a finite number of the products'
+dtype (at most 2^127 for float32). Once c != 1, every later product is checked too (one pass
+over P entries, for such operators only): one whose scaled squared norm would overflow (the
+first product was far smaller than the operator, e.g. a +-1 probe orthogonal to its large
+part) is refused with a ValueError instead of a silently wrong result. A first product with a
+NaN or Inf entry in any tensor is refused with a ValueError (it used to surface as LAPACK's "dstebz failed" or eigh's
 "ill-conditioned" after the budget was spent); later products are not scanned (a pass over P
 entries per product, a few % of a small model's HVP).
 """
@@ -37,19 +41,35 @@ __all__ = ["ScaledProducts"]
 _SAFE_LOG2 = 40
 
 
-def _power_of_two_scale(W: Sequence[torch.Tensor]) -> float:
-    """1.0, or the power of two that brings the largest |entry| of W to [0.5, 1)."""
-    amax = max((float(t.detach().abs().max()) for t in W if t.numel()), default=0.0)
-    if not math.isfinite(amax):  # NaN propagates through max: any NaN or Inf entry lands here
-        raise ValueError(f"op: its first product has non-finite entries (largest |entry| "
-                         f"{amax}): the operator is not finite at these parameters (a NaN or "
-                         f"Inf loss, weight or input?)")
+def _largest_entry(W: Sequence[torch.Tensor], which: str) -> float:
+    """max |entry| over the list; a ValueError when some entry is NaN or Inf."""
+    # One value per tensor, each checked: Python's max() drops a NaN that is not first.
+    amaxes = [float(t.detach().abs().max()) for t in W if t.numel()]
+    if not all(math.isfinite(a) for a in amaxes):
+        raise ValueError(f"op: its {which} product has non-finite entries (largest |entry| per "
+                         f"tensor {amaxes}): the operator is not finite at these parameters (a "
+                         f"NaN or Inf loss, weight or input?)")
+    return max(amaxes, default=0.0)
+
+
+def _overflow_log2(dtype: torch.dtype) -> int:
+    """Largest binary exponent of an entry whose squares, summed over up to 2^24 entries, stay
+    finite in `dtype` (float32: 52, float64: 500)."""
+    return math.frexp(torch.finfo(dtype).max)[1] // 2 - 12
+
+
+def _power_of_two_scale(amax: float, dtype: torch.dtype) -> float:
+    """1.0, or the power of two that brings amax to [0.5, 1), within what `dtype` holds."""
     if amax == 0.0:
         return 1.0
     exponent = math.frexp(amax)[1]  # amax = m 2^e, 0.5 <= m < 1
     if -_SAFE_LOG2 <= exponent <= _SAFE_LOG2:
         return 1.0
-    return math.ldexp(1.0, -exponent)
+    # c itself must be a finite number of the products' dtype (a float32 product of 1e-40
+    # asked for 2^130, which the multiplication rounded to inf); the cap still brings such
+    # products far into the safe range.
+    top = math.frexp(torch.finfo(dtype).max)[1] - 1
+    return math.ldexp(1.0, max(-top, min(top, -exponent)))
 
 
 class ScaledProducts(CurvatureOperator):
@@ -85,10 +105,25 @@ class ScaledProducts(CurvatureOperator):
         # requires grad made SLQ fail in .numpy() on its coefficients).
         W = [t.detach() for t in W]
         if self.scale is None:
-            self.scale = _power_of_two_scale(W)
+            self.scale = _power_of_two_scale(_largest_entry(W, "first"), self.dtype)
         if self.scale == 1.0:
             return W
-        return [t * self.scale for t in W]  # new tensors: the operator's outputs stay as they are
+        out = [t * self.scale for t in W]  # new tensors: the operator's outputs stay as they are
+        # Only operators of extreme scale pay this pass: c came from the first product, and a
+        # first product far smaller than the operator (a probe exactly orthogonal to its large
+        # part) would put the later ones out of range after scaling (XTrace returned 7e-18 for a
+        # trace of 8192 before this check): refused rather than silently wrong.
+        # (Products much smaller than the first are harmless: they add little to any sum.)
+        amax = _largest_entry(out, "scaled")
+        if amax > 0.0 and math.frexp(amax)[1] > _overflow_log2(self.dtype):
+            raise ValueError(
+                f"op: its products span too many powers of two: the first product's largest "
+                f"entry, {0.5 / self.scale:.3g} to {1.0 / self.scale:.3g}, set the scale "
+                f"factor, and this product's is {amax / self.scale:.3g}, whose squared norm "
+                f"would overflow {self.dtype} after scaling; rescale the operator (e.g. the "
+                f"loss) so that its products have entries near 1, or use another seed or a "
+                f"larger batch_size (a probe orthogonal to the operator's large part)")
+        return out
 
     def matvec(self, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         # op's own single product (a model operator's may differ from a batch of one)

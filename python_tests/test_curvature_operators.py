@@ -442,6 +442,10 @@ def test_matrix_operator_checks_its_arguments():
     with pytest.raises(ValueError, match="matrix: not symmetric"):
         MatrixOperator(N)
     MatrixOperator((N + N.T) / 2)
+    big = torch.eye(600, dtype=torch.float64)   # checked 256 rows at a time: the last block too
+    big[590, 10] = 0.5
+    with pytest.raises(ValueError, match="matrix: not symmetric"):
+        MatrixOperator(big)
     # float32 autograd Hessians are asymmetric by ~1e-6 of their norm: accepted
     S = ((N + N.T) / 2).float()
     MatrixOperator(S + 1e-6 * torch.randn(20, 20, generator=torch.Generator().manual_seed(0)))

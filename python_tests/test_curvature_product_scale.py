@@ -15,7 +15,7 @@ import torch
 
 from gradience_kernels.curvature import (MatrixOperator, hutchinson, hutchpp, lanczos,
                                          power_iteration, slq_density, xtrace)
-from gradience_kernels.curvature_kernels import use_backend
+from gradience_kernels.curvature_kernels import rademacher, use_backend
 from gradience_kernels.curvature_product_scale import ScaledProducts
 
 
@@ -94,11 +94,55 @@ def test_normal_scales_untouched():
     assert 0.5 <= amax * tiny.factor < 1.0
 
 
+def test_scale_factor_stays_finite_in_the_dtype():
+    """Products below 2^-128 (float32, subnormal) or 2^-1024 (float64) asked for a factor the
+    dtype cannot hold: the float32 multiplication made it inf (Hutchinson nan +- nan), float64
+    raised OverflowError in math.ldexp. The factor is capped; the results stay right."""
+    for dtype, s in [(torch.float32, 1e-40), (torch.float64, 1e-309)]:
+        op = MatrixOperator(torch.diag(torch.arange(1.0, 5.0, dtype=torch.float64) * s).to(dtype))
+        for fn in (hutchinson, hutchpp, xtrace):
+            t = fn(op, max_matvecs=40)
+            assert abs(t.trace / (10 * s) - 1) <= 1e-3, (dtype, fn.__name__, t.trace)
+        r = lanczos(op, k=2)
+        assert np.abs(r.eigenvalues.numpy() / s - [4, 3]).max() <= 1e-3
+
+
+def test_first_product_far_below_the_operator_is_refused():
+    """The factor comes from the first product: a +-1 probe exactly orthogonal to the large
+    part of A (2^10 u u^T, u orthogonal to probe 0, beside 2^-60 I) sets c = 2^60, and the
+    later products would overflow float32 after scaling (XTrace returned 7e-18 for a trace of
+    8192). Refused with a message that says what to do."""
+    z = rademacher([(16,)], 1, 0)[0][0, :8].double()
+    u = z * torch.tensor([1.0, 1, 1, 1, -1, -1, -1, -1], dtype=torch.float64)
+    assert float(u @ z) == 0
+    A = torch.zeros(16, 16, dtype=torch.float64)
+    A[:8, :8] = 2.0 ** 10 * torch.outer(u, u) / float(u @ u)
+    A[8:, 8:] = 2.0 ** -60 * torch.eye(8, dtype=torch.float64)
+    op = MatrixOperator(A.float())
+    for fn in (xtrace, hutchpp, hutchinson):
+        kw = {"probes": "rademacher"} if fn is xtrace else {}
+        with pytest.raises(ValueError, match="products span too many powers of two"):
+            fn(op, max_matvecs=40, batch_size=1, **kw)
+    # a batch of probes sees the large part at once: no refusal, the right trace
+    t = xtrace(op, max_matvecs=40, batch_size=16, probes="rademacher")
+    assert abs(t.trace / (2.0 ** 10 + 8 * 2.0 ** -60) - 1) <= 1e-5
+
+
+def test_lanczos_warning_quotes_residuals_in_the_operators_units():
+    op = MatrixOperator(torch.diag(torch.linspace(1, 2, 300, dtype=torch.float64)) * 1e-30)
+    with pytest.warns(RuntimeWarning, match="not converged") as rec:
+        r = lanczos(op, k=3, max_iter=10)
+    quoted = float(str(rec[0].message).rsplit("largest residual ", 1)[1])
+    assert abs(quoted / float(r.residuals.max()) - 1) <= 1e-2
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
-def test_non_finite_first_product_refused(bad):
+@pytest.mark.parametrize("where", [0, 4])
+def test_non_finite_first_product_refused(bad, where):
+    """In the first tensor or a later one (Python's max() dropped a NaN that was not first)."""
     A = torch.eye(5, dtype=torch.float64)
-    A[0, 0] = bad
-    op = MatrixOperator(A)
+    A[where, where] = bad
+    op = MatrixOperator(A, shapes=[(2,), (3,)])
     for run in (lambda: lanczos(op, k=2), lambda: power_iteration(op),
                 lambda: slq_density(op, n_probes=2, steps=3), lambda: hutchinson(op),
                 lambda: hutchpp(op), lambda: xtrace(op)):
