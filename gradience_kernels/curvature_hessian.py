@@ -115,7 +115,11 @@ class HessianOperator(ModelOperator):
       after 170-380 vectors. With 'auto' the traced product is the forward-over-reverse
       candidate. ``linearized`` says whether the trace is in use; a loss that calls
       ``F.mse_loss`` is not traced (torch.func.linearize of its gradient crashes the process
-      in torch 2.13), ``linearize_skipped`` says so, and the plain jvp serves.
+      in torch 2.13), and a trace whose products do not reproduce the plain jvp's on random
+      probes, calls after the first included, is dropped (in-place ops make the traced graph
+      overwrite its own constants: a residual block's ``out += x``, ``nn.RNN``/``GRU``/``LSTM``,
+      BCE with logits' gradient gave products 5% to 100x off); ``linearize_skipped`` says why,
+      and the plain jvp serves.
 
     ``method="auto"`` builds both at the first product and picks, for each batch size b, the
     fastest way to compute it from the timings of the products the caller asks for
@@ -233,7 +237,7 @@ class HessianOperator(ModelOperator):
                                           "whose gradient torch.func.linearize cannot trace")
             else:
                 traced = self._traced_products(lambda params: grad_fn(params, *y_primal),
-                                               lambda lin: (lin, tfunc.vmap(lin)))
+                                               lambda lin: (lin, tfunc.vmap(lin)), hvp)
         if traced is not None:
             self._for_single, self._for_batched = traced
         self.linearized = traced is not None

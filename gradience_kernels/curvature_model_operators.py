@@ -17,7 +17,8 @@ from torch import nn
 from .curvature_hessian import HESSIAN_METHODS, HessianOperator, _check_method
 from .curvature_kernels import block_gram
 from .curvature_model_problem import (BlockSpec, ModelOperator, ModelProblem, ParamSelection,
-                                      _describe, check_chunk_size, per_sample_gradient_chunks)
+                                      _describe, check_chunk_size, per_sample_gradient_chunks,
+                                      scalar_loss)
 
 __all__ = ["hessian", "ggn", "empirical_fisher", "HessianOperator", "GGNOperator",
            "FisherOperator", "ModelOperator", "HESSIAN_METHODS"]
@@ -32,7 +33,9 @@ class GGNOperator(ModelOperator):
 
     G v: J v by forward mode (``torch.func.jvp`` of the model output; a batch through
     ``vmap``, the primal forward shared by its vectors; with ``linearize=True`` traced once by
-    ``torch.func.linearize`` so that no product reruns the primal forward), H_L u by
+    ``torch.func.linearize`` so that no product reruns the primal forward, unless the traced
+    products do not reproduce the plain ones on random probes: ``linearize_skipped`` says
+    why, as for the Hessian), H_L u by
     forward-over-reverse on the loss of the output kept from the first product, J^T w by the
     ``torch.func.vjp`` closure (autograd graph) kept from the first product.
     """
@@ -43,6 +46,7 @@ class GGNOperator(ModelOperator):
         super().__init__(problem)
         self.linearize = linearize
         self.linearized: bool | None = None
+        self.linearize_skipped: str | None = None  # why linearize=True did not trace
 
     def _build(self):
         p = self.problem
@@ -52,11 +56,20 @@ class GGNOperator(ModelOperator):
         y_primal, y_tangent = p.forward_ad_targets()
 
         def loss_of_output(o, *y):
-            return p.loss_fn(o, y[0] if y else p.targets)
+            return scalar_loss(p.loss_fn(o, y[0] if y else p.targets))
         loss_grad = tfunc.grad(loss_of_output)
 
         def hl(u):
             return tfunc.jvp(loss_grad, (out, *y_primal), (u, *y_tangent))[1]
+        try:  # on a zero tangent: cheap (output-sized), and names the loss's missing formula
+            hl(torch.utils._pytree.tree_map(torch.zeros_like, out))
+        except NotImplementedError as err:
+            raise NotImplementedError(
+                f"ggn: H_L u (the Hessian of the loss in the model's output) runs by "
+                f"forward-over-reverse, and the loss has no forward-mode derivative in torch "
+                f"{torch.__version__.split('+')[0]} ({err}); write the loss with ops that have "
+                f"one (e.g. Huber as torch.where), or use hessian(), which falls back to double "
+                f"backward") from err
 
         def make(jv):
             def ggn1(v):
@@ -66,7 +79,7 @@ class GGNOperator(ModelOperator):
         def jv_plain(v):
             return tfunc.jvp(p.call, (p.primals,), (v,))[1]
         self._one, self._many = make(jv_plain)
-        traced = self._traced_products(p.call, make) if self.linearize else None
+        traced = self._traced_products(p.call, make, self._one) if self.linearize else None
         if traced is not None:
             self._one, self._many = traced
         self.linearized = traced is not None
@@ -83,7 +96,11 @@ class GGNOperator(ModelOperator):
 class FisherOperator(ModelOperator):
     """Empirical Fisher F = (1/N) sum_i g_i g_i^T, g_i the gradient of the loss of sample i
     alone, loss_fn(model(x_i[None]), y_i[None]) (Kunstner, Hennig & Balles 2019, "Limitations
-    of the empirical Fisher approximation"). PSD, rank <= N.
+    of the empirical Fisher approximation"). PSD, rank <= N. Per-sample losses are what the
+    loss function gives one sample, so options that act across the batch do not carry over:
+    cross-entropy's class ``weight`` cancels in a mean over one sample (the Hessian of the
+    weighted batch loss keeps it), and samples with ``ignore_index`` targets have g_i = 0 but
+    still count in N (the batch loss averages over the others).
 
     The per-sample gradients are computed once (``torch.func.vmap(torch.func.grad)``, in
     chunks of `chunk_size` samples) and kept as ``per_sample`` (list of [N, *shape]);

@@ -31,6 +31,7 @@ selection and blocks), per-sample gradients in chunks, and the base operator cla
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -44,12 +45,29 @@ from .curvature_operators import Block, CurvatureOperator
 ParamSelection = Sequence[str] | Callable[[str, torch.Tensor], bool] | None
 BlockSpec = str | dict
 
+@contextlib.contextmanager
+def _no_mha_fastpath():
+    # nn.MultiheadAttention and nn.TransformerEncoderLayer in eval mode take fused kernels
+    # (aten::_native_multi_head_attention, aten::_transformer_encoder_layer_fwd) whenever no
+    # input requires grad, as in a jvp, and forward AD has no formula for them: the GGN of an
+    # eval-mode MultiheadAttention model failed with NotImplementedError. The unfused path
+    # computes the same function.
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
+
+
 def math_sdpa() -> contextlib.AbstractContextManager:
     """The context every curvature computation runs in: SDPA on its math kernel (the fused
-    kernels have no double backward and no forward AD), gradients enabled (the operators are
-    also used under an outer ``torch.no_grad()``)."""
+    kernels have no double backward and no forward AD), the unfused MultiheadAttention /
+    TransformerEncoderLayer path (same reason), gradients enabled (the operators are also used
+    under an outer ``torch.no_grad()``)."""
     stack = contextlib.ExitStack()
     stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+    stack.enter_context(_no_mha_fastpath())
     stack.enter_context(torch.enable_grad())
     return stack
 
@@ -256,13 +274,21 @@ class ModelProblem:
     def sample_loss(self, params: dict, xs: tuple, y):
         """The loss of one sample (slices without their batch dim, as vmap passes them)."""
         out = self.call(params, tuple(x.unsqueeze(0) for x in xs))
-        return self.loss_fn(out, None if y is None else y.unsqueeze(0))
+        return scalar_loss(self.loss_fn(out, None if y is None else y.unsqueeze(0)))
 
     def as_dict(self, tensors: Sequence[torch.Tensor]) -> dict:
         return dict(zip(self.names, tensors))
 
     def as_list(self, d: dict) -> list[torch.Tensor]:
         return [d[n] for n in self.names]
+
+
+def scalar_loss(value):
+    """loss_fn's value, checked to be a scalar tensor (a reduction='none' loss otherwise
+    failed inside torch.func with "Expected f(*args) to return a scalar Tensor")."""
+    if not (torch.is_tensor(value) and value.dim() == 0):
+        raise ValueError(f"loss_fn: must return a scalar tensor, got {_describe(value)}")
+    return value
 
 
 def default_chunk(num_samples: int, per_sample_numel: int, itemsize: int,
@@ -289,7 +315,18 @@ def per_sample_gradient_chunks(problem: ModelProblem, chunk_size: int | None, st
         xs = tuple(x[begin:end] for x in problem.inputs)
         y = problem.targets[begin:end] if has_y else None
         with math_sdpa():  # per chunk: no global SDPA state is held across a yield
-            g = batched(problem.primals, xs, y)
+            try:
+                g = batched(problem.primals, xs, y)
+            except RuntimeError as err:
+                # vmap's own message names an op deep inside (nn.RNN / GRU / LSTM: "output
+                # with shape [1, 3] doesn't match the broadcast shape [5, 1, 3]";
+                # gaussian_nll_loss: "data-dependent control flow")
+                raise RuntimeError(
+                    f"per-sample gradients (torch.func.vmap of grad over the samples) failed "
+                    f"on this model and loss: {err}. A layer or loss without a vmap rule "
+                    f"cannot serve the per-sample operators (empirical Fisher, gradient Gram, "
+                    f"NTK, fisher_trace / fisher_eigs); the Hessian and the GGN need no "
+                    f"per-sample gradients") from err
         yield begin, end, [g[k].detach() for k in problem.names]
 
 
@@ -347,23 +384,66 @@ class ModelOperator(CurvatureOperator):
     def _single(self, v: list[torch.Tensor]) -> list[torch.Tensor]:
         return [t[0] for t in self._batched([t.unsqueeze(0) for t in v])]
 
-    def _traced_products(self, fn, make):
+    def _traced_products(self, fn, make, plain):
         """make(jv) = (single, batched) products with jv = the forward-mode linearization of fn
-        at the parameters, traced once; None when tracing or vmap over the traced graph fails
-        (tracing is an optimization: the caller keeps its plain jvp)."""
+        at the parameters, traced once; None when tracing or vmap over the traced graph fails,
+        or when the traced products do not reproduce ``plain`` (the untraced single product)
+        (tracing is an optimization: the caller keeps its plain jvp). The reason is kept in
+        ``linearize_skipped``."""
         p = self.problem
         try:
             _, jv = _linearize(fn, p.primals)
             one, many = make(jv)
-            probe = [torch.zeros(2, *s, dtype=self.dtype, device=self.device)
-                     for s in self.shapes]
-            many(p.as_dict(probe))  # vmap over the traced graph must work too
-            return one, many
-        except Exception:  # noqa: BLE001
+            why = _trace_disagrees(p, one, many, plain, self.shapes, self.dtype, self.device)
+        except Exception as err:  # noqa: BLE001
+            why = f"tracing failed: {type(err).__name__}: {str(err)[:200]}"
+        if why is not None:
+            self.linearize_skipped = why
             return None
+        return one, many
 
     def _batched(self, V: list[torch.Tensor]) -> list[torch.Tensor]:
         raise NotImplementedError
+
+
+def _trace_disagrees(p: ModelProblem, one, many, plain, shapes, dtype, device) -> str | None:
+    """Why the traced products cannot serve, or None. torch.func.linearize's graph of a model
+    with in-place ops (out += x in a residual block, tanh_, nn.RNN / GRU / LSTM) or of some
+    losses' gradients (BCE with logits) writes into its own constants: its first call is
+    right and later ones are wrong (measured 5% to 100x off, nan for a zero tangent), so the
+    check compares calls after the first, single and batched, with the untraced product on
+    two random probes."""
+    g = torch.Generator().manual_seed(0x5EED)
+    U = [torch.randn(2, *s, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+         for s in shapes]
+    zero = [torch.zeros_like(t) for t in U]
+
+    def single(fn_, j):
+        return p.as_list(fn_(p.as_dict([t[j] for t in U])))
+    want = [single(plain, 0), single(plain, 1)]
+    got = [single(one, 0)]
+    z = p.as_list(many(p.as_dict(zero)))   # vmap over the traced graph must work too
+    batch = p.as_list(many(p.as_dict(U)))
+    got += [single(one, 1), single(one, 0)]
+    checks = [(got[0], want[0]), (got[1], want[1]), (got[2], want[0]),
+              ([t[0] for t in batch], want[0]), ([t[1] for t in batch], want[1])]
+    # the two paths differ only by rounding (5.6e-7 of the norm measured in float32)
+    tol = min(1e3 * torch.finfo(dtype).eps, 1e-2)
+    errors = []
+    for a, b in checks:
+        diff = math.sqrt(sum(float((x.double() - y.double()).pow(2).sum()) for x, y in zip(a, b)))
+        norm = math.sqrt(sum(float(y.double().pow(2).sum()) for y in b))
+        errors.append(diff / norm if norm > 0 else (0.0 if diff == 0 else math.inf))
+    if not all(bool(torch.isfinite(t).all()) and not bool(t.any()) for t in z):
+        return ("torch.func.linearize's traced graph gives a nonzero or non-finite product "
+                "for a zero vector; the plain jvp serves")
+    if not all(e <= tol for e in errors):  # a nan error fails too
+        worst = max(errors, key=lambda e: (math.isnan(e), e))
+        return (f"torch.func.linearize's traced graph reproduced the plain jvp's products only "
+                f"to {worst:.2g} of their norm (tolerance {tol:.1g}; in-place ops in the model "
+                f"or loss make the traced graph overwrite its own constants); the plain jvp "
+                f"serves")
+    return None
 
 
 def _linearize(fn, primals):
