@@ -36,7 +36,9 @@ class GGNOperator(ModelOperator):
     ``torch.func.linearize`` so that no product reruns the primal forward, unless the traced
     products do not reproduce the plain ones on random probes: ``linearize_skipped`` says
     why, as for the Hessian), H_L u by
-    forward-over-reverse on the loss of the output kept from the first product, J^T w by the
+    forward-over-reverse on the loss of the output kept from the first product (a loss without
+    forward AD, e.g. nn.HuberLoss: H_L built once by double backward and applied as a matrix,
+    for outputs up to 2,896 entries; ``loss_hessian_explicit`` says which), J^T w by the
     ``torch.func.vjp`` closure (autograd graph) kept from the first product.
     """
 
@@ -47,6 +49,8 @@ class GGNOperator(ModelOperator):
         self.linearize = linearize
         self.linearized: bool | None = None
         self.linearize_skipped: str | None = None  # why linearize=True did not trace
+        # True when the loss has no forward AD and H_L is the explicit matrix (see _build)
+        self.loss_hessian_explicit: bool | None = None
 
     def _build(self):
         p = self.problem
@@ -64,12 +68,8 @@ class GGNOperator(ModelOperator):
         try:  # on a zero tangent: cheap (output-sized), and names the loss's missing formula
             hl(torch.utils._pytree.tree_map(torch.zeros_like, out))
         except NotImplementedError as err:
-            raise NotImplementedError(
-                f"ggn: H_L u (the Hessian of the loss in the model's output) runs by "
-                f"forward-over-reverse, and the loss has no forward-mode derivative in torch "
-                f"{torch.__version__.split('+')[0]} ({err}); write the loss with ops that have "
-                f"one (e.g. Huber as torch.where), or use hessian(), which falls back to double "
-                f"backward") from err
+            hl = _explicit_loss_hessian(out, lambda o: loss_of_output(o), err)
+        self.loss_hessian_explicit = hl.__name__ == "explicit_hl"
 
         def make(jv):
             def ggn1(v):
@@ -91,6 +91,45 @@ class GGNOperator(ModelOperator):
     def _batched(self, V):
         p = self.problem
         return p.as_list(self._many(p.as_dict(V)))
+
+
+# The largest explicit H_L (float64 bytes) built for a loss without forward AD: 64 MiB, an
+# output of 2,896 entries (a batch of 256 x 11 classes).
+_EXPLICIT_HL_BYTES = 1 << 26
+
+
+def _explicit_loss_hessian(out, loss_of_output, err: Exception):
+    """H_L u for a loss whose gradient has no forward-mode derivative (nn.HuberLoss, margin
+    losses: forward-over-reverse raises NotImplementedError): H_L, the Hessian of the loss in
+    the model's output (n x n, n = output entries), built once by double backward, 256 rows per
+    batched backward; then H_L u is a matrix product, which vmap batches. Refused, with the
+    forward-AD error, for a non-tensor output or an H_L above 64 MiB."""
+    n = out.numel() if torch.is_tensor(out) else None
+    if n is None or n * n * 8 > _EXPLICIT_HL_BYTES:
+        size = "a non-tensor output" if n is None else f"an output of {n} entries"
+        raise NotImplementedError(
+            f"ggn: H_L u (the Hessian of the loss in the model's output) runs by "
+            f"forward-over-reverse, the loss has no forward-mode derivative in torch "
+            f"{torch.__version__.split('+')[0]} ({err}), and the explicit H_L that replaces it "
+            f"is for a single output tensor of at most {int(_EXPLICIT_HL_BYTES ** 0.5) // 8} "
+            f"entries, not {size}; write the loss with ops that have one (e.g. Huber as "
+            f"torch.where), or use hessian(), which falls back to double backward") from err
+    o = out.detach().requires_grad_()
+    (g,) = torch.autograd.grad(loss_of_output(o), o, create_graph=True)
+    g = g.reshape(-1)
+    rows = []
+    for start in range(0, n, 256):
+        eye = torch.zeros(min(256, n - start), n, dtype=o.dtype, device=o.device)
+        eye[torch.arange(eye.shape[0]), torch.arange(start, start + eye.shape[0])] = 1
+        (r,) = torch.autograd.grad(g, o, eye, retain_graph=True, is_grads_batched=True,
+                                   allow_unused=True)
+        rows.append(torch.zeros_like(eye) if r is None else r.reshape(eye.shape[0], n))
+    H = torch.cat(rows).detach()
+    H = (H + H.T) / 2  # symmetric to rounding already; exactly so for the GGN's PSD claims
+
+    def explicit_hl(u):
+        return (H @ u.reshape(-1)).reshape(u.shape)
+    return explicit_hl
 
 
 class FisherOperator(ModelOperator):
