@@ -12,7 +12,9 @@ import torch.func as tfunc
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .curvature_method_choice import OnlineChoice
+from .curvature_model_problem import LossError as _LossError
 from .curvature_model_problem import ModelOperator, ModelProblem, _describe
+from .curvature_model_problem import scalar_loss as _scalar_loss
 
 __all__ = ["HessianOperator", "HESSIAN_METHODS"]
 
@@ -70,17 +72,6 @@ def _ops_called(fn) -> set[str]:
         fn()
     return rec.names
 
-
-class _LossError(ValueError):
-    """loss_fn returned something other than a scalar tensor: the caller's error, raised as it
-    is under 'auto' too (not taken for a method that fails)."""
-
-
-def _scalar_loss(value):
-    """The loss value, checked to be a scalar tensor (both methods' losses go through it)."""
-    if not (torch.is_tensor(value) and value.dim() == 0):
-        raise _LossError(f"loss_fn: must return a scalar tensor, got {_describe(value)}")
-    return value
 
 
 def _out_of_memory(err: Exception) -> bool:

@@ -195,7 +195,7 @@ def lanczos(op: CurvatureOperator, k: int = 5, which: str = "largest", tol: floa
     if not result.all_converged:
         warnings.warn(f"lanczos: {int((~converged).sum())} of k={k} Ritz values not converged "
                       f"after {result.matvecs} matvecs (max_iter={max_iter}, tol={tol:g}); "
-                      f"largest residual {float(resid.max()) / scaled.factor:.3g}",
+                      f"largest residual {float(result.residuals.max()):.3g}",
                       RuntimeWarning, stacklevel=2)
     return result
 

@@ -65,11 +65,12 @@ class GGNOperator(ModelOperator):
 
         def hl(u):
             return tfunc.jvp(loss_grad, (out, *y_primal), (u, *y_tangent))[1]
+        self.loss_hessian_explicit = False
         try:  # on a zero tangent: cheap (output-sized), and names the loss's missing formula
             hl(torch.utils._pytree.tree_map(torch.zeros_like, out))
         except NotImplementedError as err:
-            hl = _explicit_loss_hessian(out, lambda o: loss_of_output(o), err)
-        self.loss_hessian_explicit = hl.__name__ == "explicit_hl"
+            hl = _explicit_loss_hessian(out, loss_of_output, err)
+            self.loss_hessian_explicit = True
 
         def make(jv):
             def ggn1(v):

@@ -283,11 +283,17 @@ class ModelProblem:
         return [d[n] for n in self.names]
 
 
+class LossError(ValueError):
+    """loss_fn returned something other than a scalar tensor: the caller's error (the Hessian's
+    'auto' raises it as it is, not taking it for a method that fails)."""
+
+
 def scalar_loss(value):
-    """loss_fn's value, checked to be a scalar tensor (a reduction='none' loss otherwise
-    failed inside torch.func with "Expected f(*args) to return a scalar Tensor")."""
+    """loss_fn's value, checked to be a scalar tensor; every operator's loss goes through it (a
+    reduction='none' loss otherwise failed inside torch.func with "Expected f(*args) to return
+    a scalar Tensor")."""
     if not (torch.is_tensor(value) and value.dim() == 0):
-        raise ValueError(f"loss_fn: must return a scalar tensor, got {_describe(value)}")
+        raise LossError(f"loss_fn: must return a scalar tensor, got {_describe(value)}")
     return value
 
 

@@ -20,9 +20,10 @@ dtype (at most 2^127 for float32). Once c != 1, every later product is checked t
 over P entries, for such operators only): one whose scaled squared norm would overflow (the
 first product was far smaller than the operator, e.g. a +-1 probe orthogonal to its large
 part) is refused with a ValueError instead of a silently wrong result. A first product with a
-NaN or Inf entry in any tensor is refused with a ValueError (it used to surface as LAPACK's "dstebz failed" or eigh's
-"ill-conditioned" after the budget was spent); later products are not scanned (a pass over P
-entries per product, a few % of a small model's HVP).
+NaN or Inf entry in any tensor is refused with a ValueError (it used to surface as LAPACK's
+"dstebz failed" or eigh's "ill-conditioned" after the budget was spent); later products of an
+operator of normal scale are not scanned (a pass over P entries per product, a few % of a
+small model's HVP).
 """
 
 from __future__ import annotations
@@ -52,10 +53,16 @@ def _largest_entry(W: Sequence[torch.Tensor], which: str) -> float:
     return max(amaxes, default=0.0)
 
 
+def _max_log2(dtype: torch.dtype) -> int:
+    """The binary exponent e of the dtype's largest finite value, m 2^e with 0.5 <= m < 1
+    (float32: 128, float64: 1024)."""
+    return math.frexp(torch.finfo(dtype).max)[1]
+
+
 def _overflow_log2(dtype: torch.dtype) -> int:
     """Largest binary exponent of an entry whose squares, summed over up to 2^24 entries, stay
     finite in `dtype` (float32: 52, float64: 500)."""
-    return math.frexp(torch.finfo(dtype).max)[1] // 2 - 12
+    return _max_log2(dtype) // 2 - 12
 
 
 def _power_of_two_scale(amax: float, dtype: torch.dtype) -> float:
@@ -68,7 +75,7 @@ def _power_of_two_scale(amax: float, dtype: torch.dtype) -> float:
     # c itself must be a finite number of the products' dtype (a float32 product of 1e-40
     # asked for 2^130, which the multiplication rounded to inf); the cap still brings such
     # products far into the safe range.
-    top = math.frexp(torch.finfo(dtype).max)[1] - 1
+    top = _max_log2(dtype) - 1
     return math.ldexp(1.0, max(-top, min(top, -exponent)))
 
 
@@ -127,7 +134,8 @@ class ScaledProducts(CurvatureOperator):
 
     def matvec(self, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         # op's own single product (a model operator's may differ from a batch of one)
-        return [t.squeeze(0) for t in self._scaled([t.unsqueeze(0) for t in self.inner.matvec(v)])]
+        out = self._scaled([t.unsqueeze(0) for t in self.inner.matvec(v)])
+        return [t.squeeze(0) for t in out]
 
     def matmat(self, V: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return self._scaled(list(self.inner.matmat(V)))
