@@ -36,10 +36,11 @@ class GGNOperator(ModelOperator):
     ``torch.func.linearize`` so that no product reruns the primal forward, unless the traced
     products do not reproduce the plain ones on random probes: ``linearize_skipped`` says
     why, as for the Hessian), H_L u by
-    forward-over-reverse on the loss of the output kept from the first product (a loss without
-    forward AD, e.g. nn.HuberLoss: H_L built once by double backward and applied as a matrix,
-    for outputs up to 2,896 entries; ``loss_hessian_explicit`` says which), J^T w by the
-    ``torch.func.vjp`` closure (autograd graph) kept from the first product.
+    forward-over-reverse on the loss of the output kept from the first product (a loss whose
+    gradient has no forward-mode derivative, e.g. nn.HuberLoss: by double backward, the vjp
+    of the loss's gradient in the output, H_L being symmetric; ``loss_hessian_method`` says
+    which), J^T w by the ``torch.func.vjp`` closure (autograd graph) kept from the first
+    product.
     """
 
     psd = True
@@ -49,8 +50,9 @@ class GGNOperator(ModelOperator):
         self.linearize = linearize
         self.linearized: bool | None = None
         self.linearize_skipped: str | None = None  # why linearize=True did not trace
-        # True when the loss has no forward AD and H_L is the explicit matrix (see _build)
-        self.loss_hessian_explicit: bool | None = None
+        # How H_L u runs: "forward_over_reverse", or "double_backward" for a loss whose gradient
+        # has no forward-mode derivative (see _build); None before the first product.
+        self.loss_hessian_method: str | None = None
 
     def _build(self):
         p = self.problem
@@ -65,12 +67,12 @@ class GGNOperator(ModelOperator):
 
         def hl(u):
             return tfunc.jvp(loss_grad, (out, *y_primal), (u, *y_tangent))[1]
-        self.loss_hessian_explicit = False
+        self.loss_hessian_method = "forward_over_reverse"
         try:  # on a zero tangent: cheap (output-sized), and names the loss's missing formula
             hl(torch.utils._pytree.tree_map(torch.zeros_like, out))
         except NotImplementedError as err:
-            hl = _explicit_loss_hessian(out, loss_of_output, err)
-            self.loss_hessian_explicit = True
+            hl = _double_backward_loss_hessian(loss_grad, out, y_primal, err)
+            self.loss_hessian_method = "double_backward"
 
         def make(jv):
             def ggn1(v):
@@ -94,43 +96,28 @@ class GGNOperator(ModelOperator):
         return p.as_list(self._many(p.as_dict(V)))
 
 
-# The largest explicit H_L (float64 bytes) built for a loss without forward AD: 64 MiB, an
-# output of 2,896 entries (a batch of 256 x 11 classes).
-_EXPLICIT_HL_BYTES = 1 << 26
-
-
-def _explicit_loss_hessian(out, loss_of_output, err: Exception):
-    """H_L u for a loss whose gradient has no forward-mode derivative (nn.HuberLoss, margin
-    losses: forward-over-reverse raises NotImplementedError): H_L, the Hessian of the loss in
-    the model's output (n x n, n = output entries), built once by double backward, 256 rows per
-    batched backward; then H_L u is a matrix product, which vmap batches. Refused, with the
-    forward-AD error, for a non-tensor output or an H_L above 64 MiB."""
-    n = out.numel() if torch.is_tensor(out) else None
-    if n is None or n * n * 8 > _EXPLICIT_HL_BYTES:
-        size = "a non-tensor output" if n is None else f"an output of {n} entries"
+def _double_backward_loss_hessian(loss_grad, out, y_primal, err: Exception):
+    """H_L u for a loss whose gradient has no forward-mode derivative (nn.HuberLoss,
+    SmoothL1Loss, SoftMarginLoss in torch 2.13: forward-over-reverse raises
+    NotImplementedError): the vjp of the loss's gradient in the output, u -> u^T H_L = H_L u
+    (H_L is symmetric), by double backward through the graph of the gradient built here once
+    (output-sized, so no limit on the output's size; vmap batches it). A loss whose gradient
+    has no derivative at all (nn.MultiMarginLoss: no double backward either) is refused with
+    both errors, checked on a zero cotangent."""
+    try:
+        _, hvp = tfunc.vjp(lambda o: loss_grad(o, *y_primal), out)
+        hvp(torch.utils._pytree.tree_map(torch.zeros_like, out))
+    except RuntimeError as err2:
         raise NotImplementedError(
-            f"ggn: H_L u (the Hessian of the loss in the model's output) runs by "
-            f"forward-over-reverse, the loss has no forward-mode derivative in torch "
-            f"{torch.__version__.split('+')[0]} ({err}), and the explicit H_L that replaces it "
-            f"is for a single output tensor of at most {int(_EXPLICIT_HL_BYTES ** 0.5) // 8} "
-            f"entries, not {size}; write the loss with ops that have one (e.g. Huber as "
-            f"torch.where), or use hessian(), which falls back to double backward") from err
-    o = out.detach().requires_grad_()
-    (g,) = torch.autograd.grad(loss_of_output(o), o, create_graph=True)
-    g = g.reshape(-1)
-    rows = []
-    for start in range(0, n, 256):
-        eye = torch.zeros(min(256, n - start), n, dtype=o.dtype, device=o.device)
-        eye[torch.arange(eye.shape[0]), torch.arange(start, start + eye.shape[0])] = 1
-        (r,) = torch.autograd.grad(g, o, eye, retain_graph=True, is_grads_batched=True,
-                                   allow_unused=True)
-        rows.append(torch.zeros_like(eye) if r is None else r.reshape(eye.shape[0], n))
-    H = torch.cat(rows).detach()
-    H = (H + H.T) / 2  # symmetric to rounding already; exactly so for the GGN's PSD claims
+            f"ggn: H_L u (the Hessian of the loss in the model's output) needs a derivative of "
+            f"the loss's gradient, and torch {torch.__version__.split('+')[0]} has neither its "
+            f"forward-mode one ({err}) nor its double backward ({err2}); write the loss with "
+            f"ops that have one (e.g. a margin loss with torch.clamp), or use "
+            f"empirical_fisher(), which is first order") from err2
 
-    def explicit_hl(u):
-        return (H @ u.reshape(-1)).reshape(u.shape)
-    return explicit_hl
+    def double_backward_hl(u):
+        return hvp(u)[0]
+    return double_backward_hl
 
 
 class FisherOperator(ModelOperator):

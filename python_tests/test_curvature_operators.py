@@ -841,31 +841,40 @@ def test_non_scalar_losses_and_per_sample_failures_are_named():
 
 def test_ggn_of_a_loss_without_forward_ad():
     """nn.HuberLoss has no forward-mode derivative of its gradient (torch 2.13), which the GGN's
-    H_L u used: NotImplementedError. H_L is now built explicitly by double backward for outputs
-    up to 64 MiB of H_L; its GGN equals that of the same loss written with torch.where, single,
-    batched and linearized; a larger output is refused with a message naming the way out."""
+    H_L u used: NotImplementedError. H_L u now runs by double backward (the vjp of the loss's
+    gradient); its GGN equals that of the same loss written with torch.where, single, batched
+    and linearized, also for an output of 3,000 entries (an explicit H_L had been refused
+    there); a loss with no double backward either (multi_margin_loss) gets a message naming
+    both and the way out."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-    x = torch.randn(6, 4, dtype=torch.float64)
-    target = 2 * torch.randn(6, 3, dtype=torch.float64)
 
     def huber(out, t):
         r = out - t
         return torch.where(r.abs() <= 1, 0.5 * r * r, r.abs() - 0.5).mean()
-    written = co.ggn(model, huber, (x, target))
-    want = written.to_matrix()
-    assert written.loss_hessian_explicit is False
-    V = [torch.randn(3, *p.shape, dtype=torch.float64) for p in model.parameters()]
-    for linearize in (False, True):
-        op = co.ggn(model, nn.HuberLoss(), (x, target), linearize=linearize)
-        torch.testing.assert_close(op.to_matrix(), want, rtol=1e-12, atol=1e-14)
-        for a, b in zip(op.matmat(V), written.matmat(V)):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
-        assert op.loss_hessian_explicit is True
+    small = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     wide = nn.Linear(4, 30).double()
-    batch = (torch.randn(100, 4, dtype=torch.float64), torch.randn(100, 30, dtype=torch.float64))
-    with pytest.raises(NotImplementedError, match="ggn: H_L u .* no forward-mode derivative"):
-        co.ggn(wide, nn.HuberLoss(), batch).matvec([torch.ones_like(p) for p in wide.parameters()])
+    cases = [(small, (torch.randn(6, 4, dtype=torch.float64),
+                      2 * torch.randn(6, 3, dtype=torch.float64))),
+             (wide, (torch.randn(100, 4, dtype=torch.float64),
+                     2 * torch.randn(100, 30, dtype=torch.float64)))]
+    for model, batch in cases:
+        written = co.ggn(model, huber, batch)
+        want = written.to_matrix()
+        assert written.loss_hessian_method == "forward_over_reverse"
+        # Huber's kink matters here: some residuals lie beyond 1, where H_L is 0
+        with torch.no_grad():
+            assert (model(batch[0]) - batch[1]).abs().gt(1).any()
+        V = [torch.randn(3, *p.shape, dtype=torch.float64) for p in model.parameters()]
+        for linearize in (False, True):
+            op = co.ggn(model, nn.HuberLoss(), batch, linearize=linearize)
+            torch.testing.assert_close(op.to_matrix(), want, rtol=1e-12, atol=1e-14)
+            for a, b in zip(op.matmat(V), written.matmat(V)):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+            assert op.loss_hessian_method == "double_backward"
+    labels = torch.randint(0, 30, (100,))
+    with pytest.raises(NotImplementedError, match="ggn: H_L u .* neither its forward-mode"):
+        co.ggn(wide, F.multi_margin_loss, (cases[1][1][0], labels)).matvec(
+            [torch.ones_like(p) for p in wide.parameters()])
 
 
 def test_lazy_reexports_are_listed_and_resolve():
