@@ -16,9 +16,15 @@ Conventions (shared with curvature_samples.py and the references in python_tests
   (BatchNorm's running statistics) never changes the user's model. Layers that couple
   samples or draw random numbers (BatchNorm in train mode, dropout) make per-sample
   gradients ill-defined and products non-reproducible: call ``model.eval()`` first.
-- An operator is a snapshot of the parameters and the batch at its first product: the graphs
-  and the per-sample gradients it caches are not recomputed. Build a new one after an
-  optimizer step.
+- An operator is a snapshot of the parameters, buffers and batch at its construction: it
+  holds their storage (no copy) and the version counters they had, and every product (and
+  ``prepare``) first checks them, so an in-place change since (an optimizer step,
+  ``nn.init``, a data loader refilling the batch's tensors) is refused with a RuntimeError
+  naming the tensor. The graphs and per-sample gradients built at the first product would
+  otherwise mix old and new values silently (a GGN's cached J^T with a fresh J v). Build a
+  new operator after an optimizer step. (Buffers are watched in eval mode only: in training
+  mode each forward works on clones and the user's own forwards update running statistics.
+  Writes through ``p.data`` bypass version counters by design and are not seen.)
 - SDPA: every forward runs inside ``sdpa_kernel([SDPBackend.MATH])``: the fused CPU/CUDA
   attention kernels implement neither double backward nor forward-mode AD, the math kernel
   is plain differentiable torch ops.
@@ -146,6 +152,16 @@ class ModelProblem:
             if t.is_floating_point() and t.dtype != self.dtype:
                 raise TypeError(f"batch: {what} has dtype {t.dtype}, the parameters "
                                 f"{self.dtype}: cast the {what.split('[')[0]} (or the model)")
+        renorm = [name or type(m).__name__ for name, m in model.named_modules()
+                  if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+                  and m.max_norm is not None]
+        if renorm:
+            raise ValueError(f"model: {renorm[:3]} {'are' if len(renorm) > 1 else 'is'} "
+                             f"nn.Embedding with max_norm, which renormalizes the looked-up "
+                             f"rows of its weight in place at every forward: an operator would "
+                             f"change the model, and the curvature of a function that rewrites "
+                             f"its parameters is not defined; build it on a copy with "
+                             f"max_norm=None (renormalize the weight once first)")
         if per_sample:
             n = xs[0].shape[0] if xs[0].dim() else 0
             for i, t in enumerate(tensors):
@@ -158,13 +174,22 @@ class ModelProblem:
                 raise ValueError("batch: has no samples (inputs[0] has 0 rows)")
             # Batch statistics couple the samples: a per-sample gradient is not defined (and
             # vmap fails deep inside with "running_mean ... not batched").
-            coupled = [name or type(m).__name__ for name, m in model.named_modules()
-                       if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
+            # BatchNorm without running statistics uses the batch's in eval mode too.
+            coupled = [(name or type(m).__name__, m.training)
+                       for name, m in model.named_modules()
+                       if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                       and (m.training or m.running_mean is None)]
             if coupled:
-                raise ValueError(f"model: per-sample gradients need the model in eval mode: "
-                                 f"{coupled[:3]} {'are' if len(coupled) > 1 else 'is'} "
-                                 f"BatchNorm in training mode (batch statistics couple the "
-                                 f"samples); call model.eval() first")
+                names = [c[0] for c in coupled[:3]]
+                fix = ("call model.eval() first" if all(t for _, t in coupled) else
+                       "BatchNorm with track_running_stats=False normalizes by the batch even "
+                       "in eval mode: use one with running statistics (in eval mode) or a "
+                       "per-sample normalization (LayerNorm, GroupNorm)")
+                raise ValueError(f"model: per-sample gradients need normalization that does "
+                                 f"not couple the samples: {names} "
+                                 f"{'are' if len(coupled) > 1 else 'is'} BatchNorm using batch "
+                                 f"statistics (in training mode, or without running "
+                                 f"statistics); {fix}")
         self.num_samples = xs[0].shape[0] if xs[0].dim() else None
 
         self.blocks = self._blocks(blocks)
@@ -179,6 +204,34 @@ class ModelProblem:
         # user's buffers never change. In eval mode buffers are passed through as they are.
         self.buffers = {n: b.detach() for n, b in model.named_buffers()}
         self.clone_buffers = bool(self.buffers) and any(m.training for m in model.modules())
+        watched = ([(f"parameter {n!r}", t) for n, t in {**self.primals, **self.fixed}.items()]
+                   + [(f"batch: inputs[{i}]", x) for i, x in enumerate(xs)]
+                   + ([("batch: targets", targets)] if targets is not None else [])
+                   + ([] if self.clone_buffers else
+                      [(f"buffer {n!r}", b) for n, b in self.buffers.items()]))
+        # Inference-mode tensors have no version counter (and cannot change outside it).
+        self._versions = [(what, t, t._version) for what, t in watched
+                          if not t.is_inference()]
+
+    def check_unchanged(self, who: str, by_forward: bool = False) -> None:
+        """RuntimeError when a parameter, input, target or (eval-mode) buffer was changed in
+        place since the problem was built (its version counter moved); by_forward: the check
+        right after the operator's own build, so the model's forward did it."""
+        for what, t, version in self._versions:
+            if t._version != version and by_forward:
+                raise RuntimeError(
+                    f"{who}: the model's own forward modified {what} in place (a module that "
+                    f"writes its parameters or, in eval mode, its buffers, e.g. one counting "
+                    f"its calls): the curvature of a function that rewrites its own arguments "
+                    f"is not defined, and the model has been changed; keep such state out of "
+                    f"the parameters and buffers (or put the model in training mode, where "
+                    f"each forward works on clones of the buffers)")
+            if t._version != version:
+                raise RuntimeError(
+                    f"{who}: {what} was modified in place since the operator was built (an "
+                    f"optimizer step, nn.init, a refilled batch tensor): an operator is a "
+                    f"snapshot of the model and the batch at construction, and its cached "
+                    f"graphs would mix old and new values; build a new operator")
 
     @staticmethod
     def _select(named, params, model) -> list[str]:
@@ -358,9 +411,11 @@ class ModelOperator(CurvatureOperator):
     def prepare(self) -> "ModelOperator":
         """Builds the cached state (graphs, per-sample gradients, closures) now rather than
         at the first product; timing code calls it before the clock starts."""
+        self.problem.check_unchanged(type(self).__name__)
         if not self._ready:
             with math_sdpa():
                 self._build()
+            self.problem.check_unchanged(type(self).__name__, by_forward=True)
             self._ready = True
         return self
 
@@ -384,7 +439,6 @@ class ModelOperator(CurvatureOperator):
                 out = [t.unsqueeze(0) for t in self._single([t[0] for t in V])]
             else:
                 out = self._batched(V)
-        self.matvecs += b
         return out
 
     def _single(self, v: list[torch.Tensor]) -> list[torch.Tensor]:

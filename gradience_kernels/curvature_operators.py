@@ -65,7 +65,8 @@ class CurvatureOperator:
     """A symmetric P x P operator on lists of parameter-shaped tensors.
 
     Subclasses implement ``_matmat(V)`` (V: list of [b, *shape] tensors -> the same shapes);
-    the base class counts matvecs (one per vector), checks shapes, and builds ``to_matrix``.
+    the base class checks shapes, counts matvecs in ``matvec`` / ``matmat`` (one per vector,
+    after ``_matmat`` returns: a subclass does not count), and builds ``to_matrix``.
     """
 
     #: True when the operator is positive semi-definite (GGN, Fisher).
@@ -97,12 +98,15 @@ class CurvatureOperator:
         """A v for one vector (list of parameter-shaped tensors); counts one matvec."""
         self._check(v, batched=False)
         out = self._matmat([t.unsqueeze(0) for t in v])
+        self.matvecs += 1
         return [t.squeeze(0) for t in out]
 
     def matmat(self, V: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """A V for a batch of vectors (list of [b, *shape] tensors); counts b matvecs."""
         self._check(V, batched=True)
-        return self._matmat(list(V))
+        out = self._matmat(list(V))
+        self.matvecs += V[0].shape[0]
+        return out
 
     def _matmat(self, V: list[torch.Tensor]) -> list[torch.Tensor]:
         raise NotImplementedError
@@ -200,7 +204,6 @@ class MatrixOperator(CurvatureOperator):
         self.psd = psd
 
     def _matmat(self, V):
-        self.matvecs += V[0].shape[0]
         return self.unflatten(self.flatten(V) @ self.matrix.T)
 
 

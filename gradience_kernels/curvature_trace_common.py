@@ -178,7 +178,8 @@ def _result(op, method, est, se, means, ses, used, probes, converged, rtol, max_
         history = [(m, e / c, s / c) for m, e, s in history]
     if counted != used:
         warnings.warn(f"{method}: the operator counted {counted} matvecs, the estimator used "
-                      f"{used} (does its _matmat add V[0].shape[0] to op.matvecs?)",
+                      f"{used} (CurvatureOperator.matvec / matmat count each vector once: does a "
+                      f"subclass count again in _matmat, or override matmat without counting?)",
                       RuntimeWarning, stacklevel=3)
     return TraceEstimate(
         trace=float(est), stderr=float(se), matvecs=used, probes=probes, method=method,

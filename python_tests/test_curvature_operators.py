@@ -28,6 +28,7 @@ from torch.nn import functional as F
 import reference as R
 from curvature_problems import CONFIGS, problem  # noqa: F401
 from gradience_kernels import curvature_operators as co
+from gradience_kernels import curvature_trace as ct
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -405,11 +406,56 @@ def test_model_and_batch_are_not_mutated_even_with_batchnorm_in_train_mode():
     assert torch.equal(x, x0) and torch.equal(y, y0)
     assert model.training
     # Per-sample gradients are undefined under batch statistics: refused before any work.
-    with pytest.raises(ValueError, match=r"model: per-sample gradients need the model in eval "
-                                         r"mode: \['1'\] is BatchNorm in training mode"):
+    with pytest.raises(ValueError, match=r"model: per-sample gradients need normalization .*"
+                                         r"\['1'\] is BatchNorm using batch statistics.*"
+                                         r"call model.eval\(\) first"):
         co.empirical_fisher(model, loss, (x, y))
     co.empirical_fisher(copy.deepcopy(model).eval(), loss, (x, y)).matvec(
         [torch.ones(s, dtype=torch.float64) for s in op.shapes])
+
+
+def test_per_sample_refuses_batchnorm_without_running_stats():
+    """BatchNorm(track_running_stats=False) normalizes by the batch in eval mode too: the
+    empirical Fisher had returned per-sample gradients of another function (BatchNorm2d: each
+    sample normalized alone) or failed in torch (BatchNorm1d)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False),
+                          nn.Linear(4, 2)).double().eval()
+    batch = (torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,)))
+    with pytest.raises(ValueError, match=r"\['1'\] is BatchNorm using batch statistics.*"
+                                         r"track_running_stats=False"):
+        co.empirical_fisher(model, F.cross_entropy, batch)
+    co.hessian(model, F.cross_entropy, batch).matvec([torch.ones_like(p)
+                                                      for p in model.parameters()])
+
+
+def test_models_that_rewrite_their_own_state_are_refused():
+    """nn.Embedding(max_norm=...) renormalizes its weight rows in place at every forward (the
+    operators had changed the user's table: row norms 2.66 -> 0.5): refused before any
+    forward. A module that writes a buffer in eval mode is caught right after the first
+    product's build, with a message naming the forward rather than an optimizer step."""
+    emb = nn.Sequential(nn.Embedding(10, 4, max_norm=0.5), nn.Flatten(), nn.Linear(12, 2))
+    emb = emb.double()
+    before = emb[0].weight.detach().clone()
+    ids = torch.randint(0, 10, (5, 3))
+    with pytest.raises(ValueError, match=r"model: \['0'\] is nn.Embedding with max_norm"):
+        co.hessian(emb, F.cross_entropy, (ids, torch.randint(0, 2, (5,))))
+    assert torch.equal(emb[0].weight, before)
+
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+            self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+
+        def forward(self, x):
+            self.calls += 1
+            return self.lin(x)
+    model = Counting().double().eval()
+    batch = (torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,)))
+    op = co.hessian(model, F.cross_entropy, batch, method="double_backward")
+    with pytest.raises(RuntimeError, match=r"the model's own forward modified buffer 'calls' "
+                                           r"in place"):
+        op.matvec([torch.ones_like(p) for p in model.parameters()])
 
 
 def test_operators_hold_the_parameters_storage_without_copying():
@@ -964,3 +1010,72 @@ def test_tied_alias_and_zero_size_selections_get_clear_errors():
         with pytest.raises(ValueError, match=r"holds only zero-size parameters \(numel 0\)"):
             build(WithEmpty(), nn.MSELoss(), batch, params=["z.weight", "z.bias"])
     assert co.ggn(WithEmpty(), nn.MSELoss(), batch).numel == 8  # zero-size members are fine
+
+
+def test_plain_subclass_is_counted_by_the_base():
+    """The base class counts: a subclass implementing only _matmat reports one matvec per
+    vector (it had reported 0, and Hutchinson warned of a count mismatch)."""
+    class Doubling(co.CurvatureOperator):
+        def _matmat(self, V):
+            return [2 * v for v in V]
+    op = Doubling([torch.Size([3]), torch.Size([2, 2])], torch.float64, "cpu")
+    op.matvec([torch.ones(3, dtype=torch.float64), torch.ones(2, 2, dtype=torch.float64)])
+    op.matmat([torch.ones(4, 3, dtype=torch.float64), torch.ones(4, 2, 2, dtype=torch.float64)])
+    assert op.matvecs == 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = ct.hutchinson(op, max_matvecs=8)
+    assert r.matvecs == 8 and r.trace == 14.0
+
+
+@pytest.mark.parametrize("kind", ["hessian:double_backward", "hessian:forward_over_reverse",
+                                  "hessian", "ggn", "fisher"])
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_in_place_change_after_construction_is_refused(kind, when):
+    """An operator is a snapshot at construction. An in-place change to a parameter (an
+    optimizer step), an input (a refilled batch tensor) or an eval-mode buffer is refused at the
+    next product, before or after the first one: a GGN had mixed its cached J^T with a fresh
+    J v (products 1.3 off, no warning) and the double-backward Hessian raised autograd's
+    in-place error."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
+    model = model.double().eval()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    name, method = (kind.split(":") + [None])[:2]
+    extra = {"method": method} if method else {}
+    v = [torch.randn_like(p) for p in model.parameters()]
+    def sgd_step():
+        model[0].weight.grad = torch.ones_like(model[0].weight)
+        torch.optim.SGD([model[0].weight], lr=0.1).step()
+    changes = [("parameter '0.weight'", sgd_step),
+               (r"batch: inputs\[0\]", lambda: x.mul_(2)),
+               ("buffer '1.running_mean'", lambda: model[1].running_mean.add_(1))]
+    for what, change in changes:
+        op = build(name, model, F.cross_entropy, (x, y), **extra)
+        if when == "after":
+            op.matvec(v)
+        change()
+        with pytest.raises(RuntimeError, match=f"{what} was modified in place since the "
+                                               f"operator was built"):
+            op.matvec(v)
+        assert op.matvecs == (1 if when == "after" else 0)
+        fresh = build(name, model, F.cross_entropy, (x, y), **extra)
+        fresh.matvec(v)  # a new operator serves the changed model
+
+
+def test_training_mode_buffers_and_inference_tensors_are_not_watched():
+    """In training mode each forward works on clones of the buffers and the user's own
+    forwards update the running statistics: not a change of the operator's function. A batch
+    made under inference_mode has no version counter and is served."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)).double()
+    with torch.inference_mode():
+        x = torch.randn(8, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    op = co.hessian(model, F.cross_entropy, (x, y))
+    v = [torch.randn_like(p) for p in model.parameters()]
+    first = op.matvec(v)
+    model(x.clone())  # a user's training forward: running statistics move
+    for a, b in zip(op.matvec(v), first):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
