@@ -56,7 +56,16 @@ class GGNOperator(ModelOperator):
 
     def _build(self):
         p = self.problem
-        out, vjp_fn = tfunc.vjp(p.call, p.primals)
+        try:
+            out, vjp_fn = tfunc.vjp(p.call, p.primals)
+        except RuntimeError as err:
+            if "must be floating-point" not in str(err):
+                raise
+            raise TypeError(
+                "ggn: the model's output holds a tensor that is not floating point (e.g. "
+                "argmax indices next to the logits), and the GGN needs J = d output / d theta "
+                "of all of it; return the floating outputs only (compute the rest in the "
+                "loss), or use hessian(), which differentiates the loss only") from err
         out = torch.utils._pytree.tree_map(
             lambda t: t.detach() if torch.is_tensor(t) else t, out)
         y_primal, y_tangent = p.forward_ad_targets()
@@ -173,8 +182,10 @@ def hessian(model: nn.Module, loss_fn: Callable, batch, params: ParamSelection =
         loss_fn: ``loss_fn(output, targets) -> scalar`` (mean over the batch).
         batch: ``(inputs, targets)``; inputs a tensor or a tuple of tensors (``model(*inputs)``).
         params: None (every parameter with requires_grad), a list of parameter names, or a
-            callable ``(name, parameter) -> bool``. The others are held fixed.
-        blocks: "module" (one block per owning module: '0.weight', '0.bias' -> '0'),
+            callable ``(name, parameter) -> bool`` (offered every name of a tied parameter,
+            selecting it when one matches). The others are held fixed.
+        blocks: "module" (one block per owning module: '0.weight', '0.bias' -> '0'; a
+            parametrized '0.parametrizations.weight.original' -> '0' too),
             "tensor", "all", or a dict block name -> list of parameter names.
         method: "auto", "double_backward" or "forward_over_reverse".
         linearize: trace the forward-over-reverse product once (``torch.func.linearize``).

@@ -70,10 +70,12 @@ def math_sdpa() -> contextlib.AbstractContextManager:
     """The context every curvature computation runs in: SDPA on its math kernel (the fused
     kernels have no double backward and no forward AD), the unfused MultiheadAttention /
     TransformerEncoderLayer path (same reason), gradients enabled (the operators are also used
-    under an outer ``torch.no_grad()``)."""
+    under an outer ``torch.no_grad()`` or ``torch.inference_mode()``, where enable_grad alone
+    left the double-backward Hessian without a graph)."""
     stack = contextlib.ExitStack()
     stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
     stack.enter_context(_no_mha_fastpath())
+    stack.enter_context(torch.inference_mode(False))
     stack.enter_context(torch.enable_grad())
     return stack
 
@@ -95,7 +97,13 @@ class ModelProblem:
                  per_sample: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {_describe(model)}")
+        if isinstance(model, nn.modules.loss._Loss):
+            raise TypeError(f"model: got the loss {model!r}; the arguments are (model, loss_fn, "
+                            f"batch): are model and loss_fn swapped?")
         self.model = model
+        # Errors about the inputs name the caller's argument: batch=(inputs, targets), or
+        # inputs alone (ntk_gram).
+        arg = "batch: " if batch is not None else ""
         if batch is not None:
             if loss_fn is None or not callable(loss_fn):
                 raise TypeError(f"loss_fn: expected a callable loss_fn(output, targets), got "
@@ -113,14 +121,24 @@ class ModelProblem:
         self.inputs_is_tuple = isinstance(inputs, (tuple, list))
         xs = tuple(inputs) if self.inputs_is_tuple else (inputs,)
         if not xs:
-            raise ValueError("batch: inputs is an empty tuple")
+            raise ValueError(f"{arg}inputs is an empty tuple")
         for i, x in enumerate(xs):
             if not torch.is_tensor(x):
-                raise TypeError(f"batch: inputs[{i}] must be a tensor, got {_describe(x)}")
+                raise TypeError(f"{arg}inputs[{i}] must be a tensor, got {_describe(x)}")
+        # A tensor made under inference_mode cannot be saved for backward (the double-backward
+        # Hessian failed on one): such inputs and targets are cloned once into normal tensors.
+        with torch.inference_mode(False):
+            xs = tuple(x.clone() if x.is_inference() else x for x in xs)
+            if targets is not None and targets.is_inference():
+                targets = targets.clone()
         self.inputs = xs
         self.targets = targets
 
         named = list(model.named_parameters())
+        first = {id(p): n for n, p in named}
+        # second names of tied parameters -> their first (the name the operators use)
+        self.aliases = {a: first[id(p)] for a, p in model.named_parameters(remove_duplicate=False)
+                        if id(p) in first and first[id(p)] != a}
         self.names = self._select(named, params, model)
         by_name = dict(named)
         selected = [by_name[n] for n in self.names]
@@ -144,13 +162,13 @@ class ModelProblem:
         for i, t in enumerate(tensors):
             what = f"inputs[{i}]" if i < len(xs) else "targets"
             if t.device != self.device:
-                raise ValueError(f"batch: {what} is on {t.device}, the parameters on "
+                raise ValueError(f"{arg}{what} is on {t.device}, the parameters on "
                                  f"{self.device}")
             # Floating targets too: mixed dtypes work in some products (double backward
             # promotes) and fail in others (forward-mode jvp of a float32 loss against float64
             # targets), so every operator and method rejects them alike.
             if t.is_floating_point() and t.dtype != self.dtype:
-                raise TypeError(f"batch: {what} has dtype {t.dtype}, the parameters "
+                raise TypeError(f"{arg}{what} has dtype {t.dtype}, the parameters "
                                 f"{self.dtype}: cast the {what.split('[')[0]} (or the model)")
         renorm = [name or type(m).__name__ for name, m in model.named_modules()
                   if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
@@ -167,11 +185,12 @@ class ModelProblem:
             for i, t in enumerate(tensors):
                 what = f"inputs[{i}]" if i < len(xs) else "targets"
                 if t.dim() == 0 or t.shape[0] != n:
-                    raise ValueError(f"batch: per-sample gradients slice dim 0 of every input "
-                                     f"and the targets; {what} has shape {list(t.shape)}, "
+                    raise ValueError(f"{arg}per-sample gradients slice dim 0 of every input"
+                                     f"{' and the targets' if batch is not None else ''}; "
+                                     f"{what} has shape {list(t.shape)}, "
                                      f"inputs[0] {list(xs[0].shape)}")
             if n == 0:
-                raise ValueError("batch: has no samples (inputs[0] has 0 rows)")
+                raise ValueError(f"{arg or 'inputs: '}has no samples (inputs[0] has 0 rows)")
             # Batch statistics couple the samples: a per-sample gradient is not defined (and
             # vmap fails deep inside with "running_mean ... not batched").
             # BatchNorm without running statistics uses the batch's in eval mode too.
@@ -196,6 +215,8 @@ class ModelProblem:
         self.shapes = [p.shape for p in selected]
         # The parameters' own storage (detach shares it): no copy, nothing written back.
         self.primals = {n: p.detach() for n, p in zip(self.names, selected)}
+        self._selected = selected  # the Parameters themselves: for check_loss_reads_output_only
+        self._loss_checked = False
         chosen = set(self.names)
         self.fixed = {n: p.detach() for n, p in named if n not in chosen}
         # A module in training mode may update its buffers in the forward (BatchNorm's
@@ -205,13 +226,49 @@ class ModelProblem:
         self.buffers = {n: b.detach() for n, b in model.named_buffers()}
         self.clone_buffers = bool(self.buffers) and any(m.training for m in model.modules())
         watched = ([(f"parameter {n!r}", t) for n, t in {**self.primals, **self.fixed}.items()]
-                   + [(f"batch: inputs[{i}]", x) for i, x in enumerate(xs)]
+                   + [(f"{arg}inputs[{i}]", x) for i, x in enumerate(xs)]
                    + ([("batch: targets", targets)] if targets is not None else [])
                    + ([] if self.clone_buffers else
                       [(f"buffer {n!r}", b) for n, b in self.buffers.items()]))
         # Inference-mode tensors have no version counter (and cannot change outside it).
         self._versions = [(what, t, t._version) for what, t in watched
                           if not t.is_inference()]
+
+    def check_loss_reads_output_only(self, per_sample: bool = False) -> None:
+        """ValueError when loss_fn's value depends on a selected parameter directly, not only
+        through the model's output (a weight-decay penalty over model.parameters() in the loss
+        closure): every operator differentiates loss_fn(output, targets) in the output, with
+        the model evaluated on its own functional copy of the parameters, so such a term was
+        silently dropped (measured: a trace of 4.03 for 6.63). Found by backward from the loss
+        of a detached output (one forward without grad, once per problem; on the first
+        sample for the per-sample operators); unselected parameters are constants there, so a
+        term in them is right as it is."""
+        if self._loss_checked or self.loss_fn is None:
+            return
+        self._loss_checked = True
+        xs, y = self.inputs, self.targets
+        if per_sample:
+            xs = tuple(x[:1] for x in xs)
+            y = None if y is None else y[:1]
+        with torch.no_grad(), math_sdpa():
+            out = self.call(self.primals, xs)
+        y = y.detach() if torch.is_tensor(y) else y
+        with torch.enable_grad():
+            value = self.loss_fn(out, y)
+            if not (torch.is_tensor(value) and value.requires_grad):
+                return
+            wanted = [p for p in self._selected if p.requires_grad]
+            grads = torch.autograd.grad(value.sum(), wanted, allow_unused=True) if wanted else []
+        ids = {id(p) for p, g in zip(wanted, grads) if g is not None}
+        reached = [n for n, p in zip(self.names, self._selected) if id(p) in ids]
+        if reached:
+            raise ValueError(
+                f"loss_fn: its value depends on the selected parameter(s) {reached[:3]} "
+                f"directly, not only through the model's output (e.g. a weight-decay penalty "
+                f"over model.parameters() in the loss): the operators differentiate "
+                f"loss_fn(output, targets) in the output, so that term would be silently "
+                f"dropped; leave it out of loss_fn and add its curvature to the result (a "
+                f"penalty wd * ||theta||^2 adds 2 wd I to the Hessian: 2 wd P to its trace)")
 
     def check_unchanged(self, who: str, by_forward: bool = False) -> None:
         """RuntimeError when a parameter, input, target or (eval-mode) buffer was changed in
@@ -238,7 +295,12 @@ class ModelProblem:
         if params is None:
             names = [n for n, p in named if p.requires_grad]
         elif callable(params):
-            names = [n for n, p in named if params(n, p)]
+            # Every name of a tied parameter is offered (named_parameters lists it once, under
+            # its first name: a callable matching only the second had dropped it silently).
+            first = {id(p): n for n, p in named}
+            chosen = {first[id(p)] for a, p in model.named_parameters(remove_duplicate=False)
+                      if id(p) in first and params(a, p)}
+            names = [n for n, _ in named if n in chosen]
         elif isinstance(params, str) or not isinstance(params, Sequence):
             raise TypeError(f"params: expected None, a list of parameter names or a callable "
                             f"(name, param) -> bool, got {_describe(params)}")
@@ -278,18 +340,26 @@ class ModelProblem:
             if spec == "module":
                 groups: dict[str, list[int]] = {}
                 for i, n in enumerate(self.names):
-                    groups.setdefault(n.rpartition(".")[0] or "<root>", []).append(i)
+                    groups.setdefault(_owning_module(n) or "<root>", []).append(i)
                 return [Block(k, tuple(v)) for k, v in groups.items()]
         elif isinstance(spec, dict):
-            out, seen = [], {}
+            out, seen, names_seen = [], {}, {}
             for bname, members in spec.items():
                 if isinstance(members, str) or not isinstance(members, Sequence) or not members:
                     raise ValueError(f"blocks: block {bname!r} must be a non-empty list of "
                                      f"parameter names, got {_describe(members)}")
+                if str(bname) in names_seen:
+                    raise ValueError(f"blocks: two blocks are named {str(bname)!r} (keys "
+                                     f"{names_seen[str(bname)]!r} and {bname!r}): the per-block "
+                                     f"results are keyed by name")
+                names_seen[str(bname)] = bname
                 for m in members:
                     if m not in index:
+                        tied = self.aliases.get(m)
+                        hint = (f"; {m!r} is tied to {tied!r} (the same tensor): name it by that "
+                                f"name" if tied in index else "")
                         raise ValueError(f"blocks: block {bname!r} names {m!r}, which is not a "
-                                         f"selected parameter (selected: {self.names})")
+                                         f"selected parameter (selected: {self.names}){hint}")
                     if m in seen:
                         raise ValueError(f"blocks: parameter {m!r} is in blocks {seen[m]!r} "
                                          f"and {bname!r}")
@@ -336,6 +406,16 @@ class ModelProblem:
         return [d[n] for n in self.names]
 
 
+def _owning_module(name: str) -> str:
+    """The module a parameter belongs to: the prefix of its name, or for a parametrized tensor
+    ('0.parametrizations.weight.original') the module that holds the parametrization ('0'),
+    so that blocks="module" keeps a parametrized layer in one block with its bias."""
+    dotted = "." + name
+    if ".parametrizations." in dotted:
+        return dotted.split(".parametrizations.")[0][1:]
+    return name.rpartition(".")[0]
+
+
 class LossError(ValueError):
     """loss_fn returned something other than a scalar tensor: the caller's error (the Hessian's
     'auto' raises it as it is, not taking it for a method that fails)."""
@@ -365,6 +445,7 @@ def per_sample_gradient_chunks(problem: ModelProblem, chunk_size: int | None, st
     chunk = chunk_size or default_chunk(n - start, sum(s.numel() for s in problem.shapes),
                                         torch.empty(0, dtype=problem.dtype).element_size())
     has_y = problem.targets is not None
+    problem.check_loss_reads_output_only(per_sample=True)
 
     def one(params, xs, y):
         return tfunc.grad(problem.sample_loss)(params, xs, y)
@@ -413,6 +494,7 @@ class ModelOperator(CurvatureOperator):
         at the first product; timing code calls it before the clock starts."""
         self.problem.check_unchanged(type(self).__name__)
         if not self._ready:
+            self.problem.check_loss_reads_output_only()
             with math_sdpa():
                 self._build()
             self.problem.check_unchanged(type(self).__name__, by_forward=True)

@@ -1079,3 +1079,129 @@ def test_training_mode_buffers_and_inference_tensors_are_not_watched():
     model(x.clone())  # a user's training forward: running statistics move
     for a, b in zip(op.matvec(v), first):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_loss_reading_the_selected_parameters_is_refused():
+    """A weight-decay penalty over model.parameters() inside loss_fn was silently dropped (the
+    model runs on a functional copy of the parameters, the penalty reads the originals): the
+    Hessian's trace came out 4.03 for 6.63. Refused for every operator and the per-sample
+    functions; a penalty on an unselected parameter is a constant (served), as are targets
+    that require grad (a teacher's soft labels)."""
+    from gradience_kernels import curvature_samples as cs
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (5,))
+
+    def decayed(out, t):
+        return F.cross_entropy(out, t) + 1e-2 * sum((p * p).sum() for p in model.parameters())
+    for kind in ("hessian", "ggn", "fisher"):
+        op = build(kind, model, decayed, (x, y))
+        with pytest.raises(ValueError, match=r"loss_fn: its value depends on the selected "
+                                             r"parameter\(s\) \['0.weight', '0.bias', "
+                                             r"'2.weight'\] directly"):
+            op.matvec([torch.ones_like(p) for p in model.parameters()])
+        assert op.matvecs == 0
+    with pytest.raises(ValueError, match="loss_fn: its value depends on the selected"):
+        cs.fisher_trace(model, decayed, (x, y))
+    with pytest.raises(ValueError, match=r"parameter\(s\) \['2.weight'\] directly"):
+        co.hessian(model, decayed, (x, y), params=["2.weight"]).matvec(
+            [torch.ones_like(model[2].weight)])
+
+    def last_layer_decay(out, t):  # a constant for the first layer's curvature
+        return F.cross_entropy(out, t) + 1e-2 * (model[2].weight ** 2).sum()
+    sel = ["0.weight", "0.bias"]
+    plain = co.hessian(model, F.cross_entropy, (x, y), params=sel).to_matrix()
+    torch.testing.assert_close(
+        co.hessian(model, last_layer_decay, (x, y), params=sel).to_matrix(), plain,
+        rtol=1e-12, atol=1e-14)
+    soft = torch.softmax(torch.randn(5, 2, dtype=torch.float64), 1).requires_grad_()
+    op = co.ggn(model, F.cross_entropy, (x, soft))
+    op.matvec([torch.ones_like(p) for p in model.parameters()])
+    assert soft.grad is None
+
+
+def test_blocks_of_parametrized_layers_tied_aliases_and_block_names():
+    """blocks="module" keeps a parametrized layer in one block (its weight had gone to a block
+    '0.parametrizations.weight'); a params callable is offered a tied parameter's second name
+    (it had been dropped silently); a blocks dict with two keys of one name is refused (one
+    block's trace was lost), and one naming a tied alias gets the hint."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2)).double()
+    nn.utils.parametrizations.orthogonal(model[0], "weight")
+    batch = (torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,)))
+    op = co.hessian(model, F.cross_entropy, batch)
+    assert [(b.name, [op.names[i] for i in b.tensors]) for b in op.blocks] == [
+        ("0", ["0.bias", "0.parametrizations.weight.original"]), ("1", ["1.weight", "1.bias"])]
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(5, 3)
+            self.out = nn.Linear(3, 5)
+            self.out.weight = self.emb.weight
+        def forward(self, ids):
+            return self.out(self.emb(ids).mean(1))
+    tied = Tied().double()
+    tb = (torch.randint(0, 5, (4, 2)), torch.randint(0, 5, (4,)))
+    op = co.hessian(tied, F.cross_entropy, tb, params=lambda n, p: n.startswith("out."))
+    assert op.names == ["emb.weight", "out.bias"]
+    with pytest.raises(ValueError, match=r"'out.weight' is tied to 'emb.weight'"):
+        co.hessian(tied, F.cross_entropy, tb, blocks={"a": ["out.weight"], "b": ["out.bias"]})
+    with pytest.raises(ValueError, match=r"blocks: two blocks are named '1'"):
+        co.hessian(model, F.cross_entropy, batch,
+                   blocks={1: ["1.weight"], "1": ["1.bias"],
+                           "0": ["0.bias", "0.parametrizations.weight.original"]})
+
+
+def test_messages_name_the_callers_arguments():
+    """Swapped model and loss_fn said "params: the selection None selects no parameter";
+    ntk_gram, which takes inputs rather than a batch, had messages about "batch" and targets."""
+    from gradience_kernels import curvature_samples as cs
+    model = nn.Linear(3, 2).double()
+    batch = (torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,)))
+    with pytest.raises(TypeError, match=r"model: got the loss CrossEntropyLoss\(\).*swapped"):
+        co.hessian(nn.CrossEntropyLoss(), model, batch)
+    with pytest.raises(TypeError, match=r"^inputs\[0\] has dtype torch.float32"):
+        cs.ntk_gram(model, torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"^inputs is an empty tuple"):
+        cs.ntk_gram(model, ())
+    with pytest.raises(ValueError, match=r"^per-sample gradients slice dim 0 of every input; "):
+        cs.ntk_gram(nn.Bilinear(3, 2, 1).double(), (torch.randn(4, 3, dtype=torch.float64),
+                                                    torch.randn(5, 2, dtype=torch.float64)))
+
+
+def test_ggn_of_a_model_with_an_integer_output_is_a_named_error():
+    class WithLabels(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            z = self.lin(x)
+            return z, z.argmax(1)
+    model = WithLabels().double()
+    batch = (torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,)))
+
+    def loss(out, t):
+        return F.cross_entropy(out[0], t)
+    with pytest.raises(TypeError, match="ggn: the model's output holds a tensor that is not "
+                                        "floating point"):
+        co.ggn(model, loss, batch).matvec([torch.ones_like(p) for p in model.parameters()])
+    co.hessian(model, loss, batch).matvec([torch.ones_like(p) for p in model.parameters()])
+
+
+def test_double_backward_under_inference_mode():
+    """enable_grad does not lift inference_mode: the double-backward Hessian had no graph
+    ("element 0 of tensors does not require grad") under an outer inference_mode, and failed on
+    inputs made there ("Inference tensors cannot be saved for backward")."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (5,))
+    want = co.hessian(model, F.cross_entropy, (x, y), method="double_backward").to_matrix()
+    with torch.inference_mode():
+        got = co.hessian(model, F.cross_entropy, (x, y), method="double_backward").to_matrix()
+        xi, yi = x.clone(), y.clone()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got = co.hessian(model, F.cross_entropy, (xi, yi), method="double_backward").to_matrix()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
