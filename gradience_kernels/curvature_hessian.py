@@ -101,9 +101,10 @@ class HessianOperator(ModelOperator):
       (``torch.func.linearize``: the primal parts folded into constants), so a product runs
       only the tangent computation; the trace costs seconds for a transformer (about 2,000
       traced ops), worth it for many products (falls back to plain jvp if tracing fails).
-      Measured on the bench models (bench/curvature_matvec_rows.py, 2 CPU cores): batches
-      1.4-2.0x faster per vector than 'auto' without it, a trace of 0.6-3.5 s, paid back
-      after 170-380 vectors. With 'auto' the traced product is the forward-over-reverse
+      Measured on the bench models (bench/curvature_matvec_rows.py, 2 CPU cores, at
+      360f191): batches 1.34-1.88x faster per vector than 'auto' without it, a build of
+      0.8-5.0 s (the trace and its check against the plain jvp), paid back after 230-430
+      vectors. With 'auto' the traced product is the forward-over-reverse
       candidate. ``linearized`` says whether the trace is in use; a loss that calls
       ``F.mse_loss`` is not traced (torch.func.linearize of its gradient crashes the process
       in torch 2.13), and a trace whose products do not reproduce the plain jvp's on random
@@ -253,7 +254,22 @@ class HessianOperator(ModelOperator):
             except Exception as err:  # noqa: BLE001  auto: a method that fails is skipped
                 self.method_errors[name] = err
         if len(self.method_errors) == len(builders):
-            raise self.method_errors["double_backward"]
+            err = self.method_errors["forward_over_reverse"]
+            raise self._every_method_failed("forward_over_reverse", err) from err
+
+    def _every_method_failed(self, path: str, err: Exception) -> Exception:
+        """The error of 'auto' when its last method fails: every method's own reason (the
+        library's message for a method refused earlier, e.g. weight norm's double backward,
+        had been hidden behind torch's error for the last one), NotImplementedError when
+        each one was."""
+        errors = {k: v for k, v in self.method_errors.items() if k != path}
+        if not errors:
+            return err
+        errors[path] = err
+        cls = (NotImplementedError if all(isinstance(e, NotImplementedError)
+                                          for e in errors.values()) else RuntimeError)
+        return cls("hessian (method='auto'): no method can serve this model and loss: "
+                   + "; ".join(f"{k}: {type(e).__name__}: {e}" for k, e in errors.items()))
 
     def _product(self, path: str, V, batched: bool):
         if path == "loop":
@@ -298,9 +314,10 @@ class HessianOperator(ModelOperator):
                 if timed:
                     self.choice.record(b, path, (self._clock() - t0) / b)
             except Exception as err:  # noqa: BLE001  a method that fails on some input
-                if (path == "loop" or isinstance(err, _LossError) or _out_of_memory(err)
-                        or not batched and len(candidates) == 1):
-                    raise  # nothing else to try, or a failure of resources, not of the method
+                if path == "loop" or isinstance(err, _LossError) or _out_of_memory(err):
+                    raise  # a failure of the loop's single products, or not of the method
+                if not batched and len(candidates) == 1:
+                    raise self._every_method_failed(path, err) from err  # nothing else to try
                 if batched:
                     self.method_errors[f"{path} (batched)"] = err
                     self.choice.drop(path, min_size=2)

@@ -107,7 +107,7 @@ class GGNOperator(ModelOperator):
 
 def _double_backward_loss_hessian(loss_grad, out, y_primal, err: Exception):
     """H_L u for a loss whose gradient has no forward-mode derivative (nn.HuberLoss,
-    SmoothL1Loss, SoftMarginLoss in torch 2.13: forward-over-reverse raises
+    SoftMarginLoss in torch 2.13: forward-over-reverse raises
     NotImplementedError): the vjp of the loss's gradient in the output, u -> u^T H_L = H_L u
     (H_L is symmetric), by double backward through the graph of the gradient built here once
     (output-sized, so no limit on the output's size; vmap batches it). A loss whose gradient

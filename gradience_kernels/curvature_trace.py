@@ -8,8 +8,10 @@ exceeded (it never is). ``rtol=None`` spends the budget. Per-block traces tr(A_b
 same probes; the full trace is the sum of the block traces.
 
 Probes are counter-based (curvature_kernels.rademacher / gaussian): probe j of stream ``seed`` is
-the same whatever the batch split, so results do not depend on ``batch_size`` (up to rounding)
-and a dense reference can regenerate them (python_tests/reference.py).
+the same whatever the batch split, so a run without ``rtol`` does not depend on ``batch_size``
+(up to rounding), nor does Hutchinson's; with ``rtol`` the stop is checked after each batch,
+and Hutch++'s adaptive sketch is sized batch by batch, so they can stop at a different count.
+A dense reference can regenerate the probes (python_tests/reference.py).
 
 P-sized work outside the matvecs goes through curvature_kernels only (probe generation,
 per-block Gram matrices / dots, Gram-Schmidt against a basis, basis combinations), tensor by

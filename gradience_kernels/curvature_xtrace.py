@@ -102,8 +102,9 @@ def xtrace(op: CurvatureOperator, rtol: float | None = None, max_matvecs: int = 
     the T_i are exchangeable, not independent, so it is a heuristic, not a sample SE: their
     positive correlation through the shared basis makes it optimistic on decaying spectra,
     measured RMS error / RMS reported SE = 1.2-1.7 for lambda_i = i^-2 and 0.9^i, 1.0-1.2 for
-    flat spectra with m << P; with rtol, the actual error is then up to ~1.7 rtol, and 2-3.4
-    rtol was measured on the bench MLP's GGN, bench/results/bench_curvature_cpu.json; it
+    flat spectra with m << P; with rtol, the actual error is then up to ~1.7 rtol, and about
+    2 rtol on the bench MLP's GGN (2.05 / 2.25 rtol median / max over 3 seeds,
+    bench/results/bench_curvature_cpu.json); it
     grows as m approaches P: on a flat spectrum (uniform on [0.5, 1.5], P = 200, 150 seeds)
     1.14 / 1.39 / 2.2 / 2.5 at m = 20 / 60 / 120 / 150, coverage at 3 SE 0.8 at m >= 120, and
     rtol 7e-4 (~290 matvecs) ended 2.2 rtol off in RMS; 1.09 at P = 600, m = 60). Per block:
