@@ -134,6 +134,12 @@ class HessianOperator(ModelOperator):
     ones only, its exception kept in ``method_errors`` (keys "<method>" and
     "<method> (batched)"), and the product is redone another way; an allocation failure is
     raised, not taken for the method's. A forced method serves every product, untimed.
+
+    Reproducibility: a forced method gives bitwise the same products for the same input and
+    thread count (the project's determinism rule); 'auto' does not across runs, because the
+    path that serves depends on wall-clock timings and the two methods round differently
+    (a trace of the demo model differed in the 8th digit, 5.8721642471 vs 5.8721642842):
+    force the method where bitwise replay matters.
     """
 
     _TRIALS = 2
