@@ -14,7 +14,7 @@ Parts (``--parts``, all by default; each a row set written beside this script):
               used). Goal: <= 10% beyond the matvecs.
   trace       bench/curvature_trace_rows.py: matvecs for 1% relative error on the GGN by
               Hutchinson, Hutch++ and XTrace against the exact trace (per-sample Jacobians,
-              float64), over 8 seeds; and the rtol=0.01 stopping runs. Goal: Hutch++ or XTrace
+              float64), over 6 seeds; and the rtol=0.01 stopping runs. Goal: Hutch++ or XTrace
               with <= 1/3 of Hutchinson's matvecs.
   eigen       bench/curvature_eigen_rows.py: Lanczos top-5 against PyHessian-style power
               iteration with deflation on the Hessian, matvecs and time at equal accuracy
@@ -96,16 +96,24 @@ def _part(module: str, func: str, **kwargs):
 
 
 def goals(payload: dict) -> list[dict]:
-    """The issue's acceptance figures, one row per (goal, model)."""
+    """The issue's acceptance figures, one row per (goal, model). ``met`` is None where the
+    row cannot decide (no comparable measurement), with the reason in ``case``."""
     out = []
     for r in payload.get("matvec_rows") or []:
+        if r["operator"] == "empirical_fisher":
+            continue  # one GEMM over the stored per-sample gradients: batched, not vmapped
+        agree = r["max_rel_diff"] <= 1e-4  # a speedup counts only when the results agree
         out.append({"goal": "vmapped matvec >= 1.2x looped, per vector", "model": r["model"],
-                    "case": r["operator"], "value": r["speedup"], "threshold": 1.2,
-                    "met": r["speedup"] >= 1.2})
+                    "case": r["operator"] + ("" if agree else " (results disagree)"),
+                    "value": r["speedup"], "threshold": 1.2,
+                    "met": agree and r["speedup"] >= 1.2})
     for r in payload.get("overhead_rows") or []:
+        # Scored on the time outside the products measured during the run itself (the
+        # issue's "overhead beyond the matvecs it used"); overhead_pct, against product
+        # times measured apart from the run, is in the row but moves by 10-30 points.
         out.append({"goal": "estimator overhead <= 10% beyond its matvecs", "model": r["model"],
-                    "case": r["estimator"], "value": r["overhead_pct"], "threshold": 10.0,
-                    "met": r["overhead_pct"] <= 10.0})
+                    "case": r["estimator"], "value": r["outside_pct"], "threshold": 10.0,
+                    "met": r["outside_pct"] <= 10.0})
     by_model: dict[str, list[dict]] = {}
     for r in payload.get("trace_accuracy_rows") or []:
         if r["estimator"] in ("hutchpp", "xtrace"):
@@ -118,13 +126,27 @@ def goals(payload: dict) -> list[dict]:
                             "matvecs", "model": model, "case": best[1], "value": best[0],
                     "threshold": 1 / 3, "met": best[0] is not None and best[0] <= 1 / 3})
     for r in payload.get("eigen_rows") or []:
-        if r["method"].startswith("lanczos top-5 at equal accuracy") and "matvecs" in r:
-            ratio = 1 / r["power_over_lanczos_matvecs"]
-            which = r["method"].split("(")[-1].rstrip(")")
-            out.append({"goal": "Lanczos top-5 <= 1/5 of power iteration's matvecs at equal "
-                                "accuracy", "model": r["model"],
-                        "case": f"power {which}, err {r['power_max_rel_err']:.1e}",
-                        "value": ratio, "threshold": 0.2, "met": ratio <= 0.2})
+        if not r["method"].startswith("lanczos top-5 at equal accuracy"):
+            continue
+        goal = "Lanczos top-5 <= 1/5 of power iteration's matvecs at equal accuracy"
+        which = r["method"].split("(")[-1].rstrip(")")
+        case = f"power {which}, err {r['power_max_rel_err']:.1e}"
+        if "matvecs" not in r:  # no Lanczos budget reached the power iteration's accuracy
+            out.append({"goal": goal, "model": r["model"], "case": case + ", no Lanczos hit",
+                        "value": None, "threshold": 0.2, "met": False})
+            continue
+        ratio = r.get("lanczos_over_power_median") or 1 / r["power_over_lanczos_matvecs"]
+        seeds = len(r.get("lanczos_over_power_by_seed") or [None])
+        case += f", median of {seeds} seeds" if seeds > 1 else ", seed 0"
+        if not r["same_targets"]:
+            # power iteration ranks by magnitude: its 5 targets are not Lanczos' 5 largest,
+            # and its "accuracy" is that of an eigenvalue it could not converge to
+            out.append({"goal": goal, "model": r["model"],
+                        "case": case + "; not comparable: different top-5 targets",
+                        "value": ratio, "threshold": 0.2, "met": None})
+            continue
+        out.append({"goal": goal, "model": r["model"], "case": case, "value": ratio,
+                    "threshold": 0.2, "met": ratio <= 0.2})
     return out
 
 

@@ -48,6 +48,15 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup:
     """Median wall seconds of each fns[name]() over `repeats` rounds, the functions alternating
     call by call (after `warmup` calls each), so that a change in a shared machine's load falls
     on every side instead of reading as a difference between them."""
+    rounds = time_interleaved_rounds(fns, repeats, warmup, device)
+    return {name: statistics.median(t) for name, t in rounds.items()}
+
+
+def time_interleaved_rounds(fns: dict[str, Callable[[], object]], repeats: int,
+                            warmup: int = 0, device: torch.device | str | None = None
+                            ) -> dict[str, list[float]]:
+    """time_interleaved's per-round wall seconds of each function (round i: one call of each,
+    back to back), for ratios paired within a round."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -60,7 +69,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup:
             fn()
             sync(device)
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
 def _cpu_model() -> str:

@@ -67,7 +67,8 @@ def test_bench_curvature_smoke(tmp_path):
 
     assert payload["goals"]
     for g in payload["goals"]:
-        assert isinstance(g["met"], bool)
+        # None only where the rows cannot decide, and the case says why
+        assert isinstance(g["met"], bool) or (g["met"] is None and "not comparable" in g["case"])
         assert g["value"] is None or math.isfinite(g["value"])
 
 
