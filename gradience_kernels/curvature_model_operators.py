@@ -54,6 +54,13 @@ class GGNOperator(ModelOperator):
         # has no forward-mode derivative (see _build); None before the first product.
         self.loss_hessian_method: str | None = None
 
+    @property
+    def loss_hessian_explicit(self) -> bool | None:
+        """Deprecated (H_L is no longer an explicit matrix): True when H_L u runs by double
+        backward, i.e. ``loss_hessian_method == "double_backward"``."""
+        m = self.loss_hessian_method
+        return None if m is None else m == "double_backward"
+
     def _build(self):
         p = self.problem
         try:
@@ -145,6 +152,7 @@ class FisherOperator(ModelOperator):
     """
 
     psd = True
+    _per_sample = True
 
     def __init__(self, problem: ModelProblem, chunk_size: int | None = None):
         super().__init__(problem)

@@ -18,13 +18,19 @@ Conventions (shared with curvature_samples.py and the references in python_tests
   gradients ill-defined and products non-reproducible: call ``model.eval()`` first.
 - An operator is a snapshot of the parameters, buffers and batch at its construction: it
   holds their storage (no copy) and the version counters they had, and every product (and
-  ``prepare``) first checks them, so an in-place change since (an optimizer step,
-  ``nn.init``, a data loader refilling the batch's tensors) is refused with a RuntimeError
-  naming the tensor. The graphs and per-sample gradients built at the first product would
-  otherwise mix old and new values silently (a GGN's cached J^T with a fresh J v). Build a
-  new operator after an optimizer step. (Buffers are watched in eval mode only: in training
-  mode each forward works on clones and the user's own forwards update running statistics.
-  Writes through ``p.data`` bypass version counters by design and are not seen.)
+  ``prepare``) first checks them, so an in-place change between products (an optimizer step,
+  ``nn.init``, ``load_state_dict``, a data loader refilling the batch's tensors) is refused
+  with a RuntimeError naming the tensor. The graphs and per-sample gradients built at the
+  first product would otherwise mix old and new values silently (a GGN's cached J^T with a
+  fresh J v). Build a new operator after an optimizer step. Writes made during the operator's
+  own products are told apart (versions are read before and after each): a forward that
+  writes a parameter is refused; one that writes its inputs (``nn.ReLU(inplace=True)`` first),
+  the targets (in the loss) or a buffer (a lazily filled cache) is trusted to be idempotent.
+  Buffers of modules in training mode are not watched (each forward works on clones, and
+  the user's own forwards update their running statistics); those of modules in eval mode
+  are, also when other modules are in training mode. Not seen: writes through ``p.data``
+  (they bypass version counters by design) and tensors made under ``inference_mode``,
+  which have no version counter.
 - SDPA: every forward runs inside ``sdpa_kernel([SDPBackend.MATH])``: the fused CPU/CUDA
   attention kernels implement neither double backward nor forward-mode AD, the math kernel
   is plain differentiable torch ops.
@@ -225,24 +231,29 @@ class ModelProblem:
         # user's buffers never change. In eval mode buffers are passed through as they are.
         self.buffers = {n: b.detach() for n, b in model.named_buffers()}
         self.clone_buffers = bool(self.buffers) and any(m.training for m in model.modules())
-        watched = ([(f"parameter {n!r}", t) for n, t in {**self.primals, **self.fixed}.items()]
-                   + [(f"{arg}inputs[{i}]", x) for i, x in enumerate(xs)]
-                   + ([("batch: targets", targets)] if targets is not None else [])
-                   + ([] if self.clone_buffers else
-                      [(f"buffer {n!r}", b) for n, b in self.buffers.items()]))
-        # Inference-mode tensors have no version counter (and cannot change outside it).
-        self._versions = [(what, t, t._version) for what, t in watched
-                          if not t.is_inference()]
+        modules = dict(model.named_modules())
+        watched = ([(f"parameter {n!r}", t, True)
+                    for n, t in {**self.primals, **self.fixed}.items()]
+                   + [(f"{arg}inputs[{i}]", x, False) for i, x in enumerate(xs)]
+                   + ([("batch: targets", targets, False)] if targets is not None else [])
+                   + [(f"buffer {n!r}", b, False) for n, b in self.buffers.items()
+                      if not modules[n.rpartition(".")[0]].training])
+        # (what, tensor, is a parameter) and the version it must have at the next product;
+        # inference-mode tensors have no version counter.
+        self._watched = [w for w in watched if not w[1].is_inference()]
+        self._versions = [t._version for _, t, _ in self._watched]
 
     def check_loss_reads_output_only(self, per_sample: bool = False) -> None:
         """ValueError when loss_fn's value depends on a selected parameter directly, not only
         through the model's output (a weight-decay penalty over model.parameters() in the loss
         closure): every operator differentiates loss_fn(output, targets) in the output, with
         the model evaluated on its own functional copy of the parameters, so such a term was
-        silently dropped (measured: a trace of 4.03 for 6.63). Found by backward from the loss
-        of a detached output (one forward without grad, once per problem; on the first
+        silently dropped (measured: a trace of 4.03 for 6.63). Found on the loss of a
+        detached output (one forward without grad, once per problem; on the first
         sample for the per-sample operators); unselected parameters are constants there, so a
-        term in them is right as it is."""
+        term in them is right as it is. Detected as a torch call inside loss_fn that takes a
+        selected parameter's storage (a TorchFunctionMode over one loss evaluation on a
+        detached output), so frozen (requires_grad=False) parameters are seen too."""
         if self._loss_checked or self.loss_fn is None:
             return
         self._loss_checked = True
@@ -250,17 +261,22 @@ class ModelProblem:
         if per_sample:
             xs = tuple(x[:1] for x in xs)
             y = None if y is None else y[:1]
-        with torch.no_grad(), math_sdpa():
-            out = self.call(self.primals, xs)
+        # Buffers cloned: this extra forward must not write the user's (a forward that
+        # writes a buffer is named after the build, without this one's side effects).
+        buffers = {n: b.clone() for n, b in self.buffers.items()}
+        with math_sdpa(), torch.no_grad():  # no_grad inside: math_sdpa enables grad
+            out = tfunc.functional_call(self.model, {**self.fixed, **buffers, **self.primals},
+                                        xs)
+        out = torch.utils._pytree.tree_map(
+            lambda t: t.detach() if torch.is_tensor(t) else t, out)
         y = y.detach() if torch.is_tensor(y) else y
-        with torch.enable_grad():
-            value = self.loss_fn(out, y)
-            if not (torch.is_tensor(value) and value.requires_grad):
-                return
-            wanted = [p for p in self._selected if p.requires_grad]
-            grads = torch.autograd.grad(value.sum(), wanted, allow_unused=True) if wanted else []
-        ids = {id(p) for p, g in zip(wanted, grads) if g is not None}
-        reached = [n for n, p in zip(self.names, self._selected) if id(p) in ids]
+        # The selected parameters' storages, seen as inputs of any torch call inside loss_fn
+        # (also for requires_grad=False parameters, which a backward would not reach).
+        storages = {p.untyped_storage().data_ptr(): n for n, p in zip(self.names, self._selected)
+                    if p.numel()}
+        with _StorageReads(storages) as reads, torch.no_grad():
+            self.loss_fn(out, y)
+        reached = [n for n in self.names if n in reads.names]
         if reached:
             raise ValueError(
                 f"loss_fn: its value depends on the selected parameter(s) {reached[:3]} "
@@ -270,25 +286,33 @@ class ModelProblem:
                 f"dropped; leave it out of loss_fn and add its curvature to the result (a "
                 f"penalty wd * ||theta||^2 adds 2 wd I to the Hessian: 2 wd P to its trace)")
 
-    def check_unchanged(self, who: str, by_forward: bool = False) -> None:
-        """RuntimeError when a parameter, input, target or (eval-mode) buffer was changed in
-        place since the problem was built (its version counter moved); by_forward: the check
-        right after the operator's own build, so the model's forward did it."""
-        for what, t, version in self._versions:
-            if t._version != version and by_forward:
-                raise RuntimeError(
-                    f"{who}: the model's own forward modified {what} in place (a module that "
-                    f"writes its parameters or, in eval mode, its buffers, e.g. one counting "
-                    f"its calls): the curvature of a function that rewrites its own arguments "
-                    f"is not defined, and the model has been changed; keep such state out of "
-                    f"the parameters and buffers (or put the model in training mode, where "
-                    f"each forward works on clones of the buffers)")
+    def check_unchanged(self, who: str) -> None:
+        """Before a product: RuntimeError when a watched tensor (parameters, inputs, targets,
+        buffers of eval-mode modules) was changed in place since the operator was built or
+        its last product (its version counter moved)."""
+        for (what, t, _), version in zip(self._watched, self._versions):
             if t._version != version:
                 raise RuntimeError(
                     f"{who}: {what} was modified in place since the operator was built (an "
-                    f"optimizer step, nn.init, a refilled batch tensor): an operator is a "
-                    f"snapshot of the model and the batch at construction, and its cached "
-                    f"graphs would mix old and new values; build a new operator")
+                    f"optimizer step, nn.init, load_state_dict, a refilled batch tensor): an "
+                    f"operator is a snapshot of the model and the batch at construction, and "
+                    f"its cached graphs would mix old and new values; build a new operator")
+
+    def absorb_own_writes(self, who: str) -> None:
+        """After one of the operator's own products (or its build): writes made during it are
+        the model's or the loss's. To a parameter: RuntimeError (the curvature of a function
+        that rewrites its parameters is not defined); to inputs, targets or buffers: taken as
+        idempotent (an in-place ReLU on the input, a lazily filled cache), the new versions
+        becoming the ones the next product must find."""
+        for i, (what, t, is_param) in enumerate(self._watched):
+            if t._version != self._versions[i]:
+                if is_param:
+                    raise RuntimeError(
+                        f"{who}: the model's own forward modified {what} in place: the "
+                        f"curvature of a function that rewrites its own parameters is not "
+                        f"defined, and the model has been changed; keep such state out of "
+                        f"the parameters")
+                self._versions[i] = t._version
 
     @staticmethod
     def _select(named, params, model) -> list[str]:
@@ -298,9 +322,19 @@ class ModelProblem:
             # Every name of a tied parameter is offered (named_parameters lists it once, under
             # its first name: a callable matching only the second had dropped it silently).
             first = {id(p): n for n, p in named}
-            chosen = {first[id(p)] for a, p in model.named_parameters(remove_duplicate=False)
-                      if id(p) in first and params(a, p)}
-            names = [n for n, _ in named if n in chosen]
+            answers: dict[str, dict[str, bool]] = {}
+            for a, p in model.named_parameters(remove_duplicate=False):
+                if id(p) in first:
+                    answers.setdefault(first[id(p)], {})[a] = bool(params(a, p))
+            split = {n: a for n, a in answers.items() if len(set(a.values())) > 1}
+            if split:
+                n, a = next(iter(split.items()))
+                yes = [k for k, v in a.items() if v]
+                no = [k for k, v in a.items() if not v]
+                raise ValueError(f"params: the callable selects {yes} but not {no}, names of one "
+                                 f"tied tensor ({n!r}); make it answer the same for every name, "
+                                 f"or pass a list of names")
+            names = [n for n, _ in named if any(answers.get(n, {}).values())]
         elif isinstance(params, str) or not isinstance(params, Sequence):
             raise TypeError(f"params: expected None, a list of parameter names or a callable "
                             f"(name, param) -> bool, got {_describe(params)}")
@@ -416,6 +450,41 @@ def _owning_module(name: str) -> str:
     return name.rpartition(".")[0]
 
 
+class _StorageReads(torch.overrides.TorchFunctionMode):
+    """Records which of the given storages (data_ptr -> name) torch calls take as inputs."""
+
+    def __init__(self, storages: dict[int, str]):
+        super().__init__()
+        self.storages = storages
+        self.names: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for t in torch.utils._pytree.tree_leaves((args, kwargs)):
+            if torch.is_tensor(t) and not t.is_meta:
+                try:
+                    name = self.storages.get(t.untyped_storage().data_ptr())
+                except RuntimeError:  # a tensor without storage (e.g. a functorch wrapper)
+                    name = None
+                if name is not None:
+                    self.names.add(name)
+        return func(*args, **kwargs)
+
+
+def _captured_write_error(who: str, err: RuntimeError) -> RuntimeError:
+    """err itself, or for torch.func's refusal of an in-place write to a tensor it captured a
+    message that says what was written and the ways out."""
+    if "mutate a captured Tensor" not in str(err):
+        return err
+    return RuntimeError(
+        f"{who}: the model's forward writes in place to a tensor that torch.func captured (an "
+        f"input, e.g. a first nn.ReLU(inplace=True), or a buffer of a module in eval mode, "
+        f"e.g. a call counter or a cache), and the transforms cannot differentiate that; make "
+        f"the op out of place, put that module in training mode (each forward then works on "
+        f"clones of the buffers), or for the Hessian use method='double_backward' "
+        f"(torch.func error: {str(err)[:160]})")
+
+
 class LossError(ValueError):
     """loss_fn returned something other than a scalar tensor: the caller's error (the Hessian's
     'auto' raises it as it is, not taking it for a method that fails)."""
@@ -488,16 +557,23 @@ class ModelOperator(CurvatureOperator):
                          problem.names)
         self.problem = problem
         self._ready = False
+    # Per-sample operators check loss_fn on one sample (their loss is per sample).
+    _per_sample = False
 
     def prepare(self) -> "ModelOperator":
         """Builds the cached state (graphs, per-sample gradients, closures) now rather than
         at the first product; timing code calls it before the clock starts."""
-        self.problem.check_unchanged(type(self).__name__)
+        who = type(self).__name__
+        self.problem.check_unchanged(who)
         if not self._ready:
-            self.problem.check_loss_reads_output_only()
-            with math_sdpa():
-                self._build()
-            self.problem.check_unchanged(type(self).__name__, by_forward=True)
+            self.problem.check_loss_reads_output_only(per_sample=self._per_sample)
+            try:
+                with math_sdpa():
+                    self._build()
+            except RuntimeError as err:
+                raise _captured_write_error(who, err) from err
+            finally:
+                self.problem.absorb_own_writes(who)
             self._ready = True
         return self
 
@@ -516,11 +592,15 @@ class ModelOperator(CurvatureOperator):
         b = V[0].shape[0]
         if b == 0:
             return [torch.empty_like(t) for t in V]
-        with math_sdpa():
-            if b == 1:
-                out = [t.unsqueeze(0) for t in self._single([t[0] for t in V])]
-            else:
-                out = self._batched(V)
+        try:
+            with math_sdpa():
+                if b == 1:
+                    out = [t.unsqueeze(0) for t in self._single([t[0] for t in V])]
+                else:
+                    out = self._batched(V)
+        except RuntimeError as err:
+            raise _captured_write_error(type(self).__name__, err) from err
+        self.problem.absorb_own_writes(type(self).__name__)
         return out
 
     def _single(self, v: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -66,7 +66,8 @@ class CurvatureOperator:
 
     Subclasses implement ``_matmat(V)`` (V: list of [b, *shape] tensors -> the same shapes);
     the base class checks shapes, counts matvecs in ``matvec`` / ``matmat`` (one per vector,
-    after ``_matmat`` returns: a subclass does not count), and builds ``to_matrix``.
+    after ``_matmat`` returns, unless ``_matmat`` counted them itself, as subclasses written to
+    an earlier contract do), and builds ``to_matrix``.
     """
 
     #: True when the operator is positive semi-definite (GGN, Fisher).
@@ -97,15 +98,19 @@ class CurvatureOperator:
     def matvec(self, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """A v for one vector (list of parameter-shaped tensors); counts one matvec."""
         self._check(v, batched=False)
+        before = self.matvecs
         out = self._matmat([t.unsqueeze(0) for t in v])
-        self.matvecs += 1
+        if self.matvecs == before:  # a subclass that counts itself (the older contract)
+            self.matvecs += 1
         return [t.squeeze(0) for t in out]
 
     def matmat(self, V: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """A V for a batch of vectors (list of [b, *shape] tensors); counts b matvecs."""
         self._check(V, batched=True)
+        before = self.matvecs
         out = self._matmat(list(V))
-        self.matvecs += V[0].shape[0]
+        if self.matvecs == before:  # a subclass that counts itself (the older contract)
+            self.matvecs += V[0].shape[0]
         return out
 
     def _matmat(self, V: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -179,7 +179,8 @@ def _result(op, method, est, se, means, ses, used, probes, converged, rtol, max_
     if counted != used:
         warnings.warn(f"{method}: the operator counted {counted} matvecs, the estimator used "
                       f"{used} (CurvatureOperator.matvec / matmat count each vector once: does a "
-                      f"subclass count again in _matmat, or override matmat without counting?)",
+                      f"subclass change op.matvecs in _matmat by other than the batch size, or "
+                      f"override matmat without counting?)",
                       RuntimeWarning, stacklevel=3)
     return TraceEstimate(
         trace=float(est), stderr=float(se), matvecs=used, probes=probes, method=method,
