@@ -190,8 +190,8 @@ def hessian(model: nn.Module, loss_fn: Callable, batch, params: ParamSelection =
         loss_fn: ``loss_fn(output, targets) -> scalar`` (mean over the batch).
         batch: ``(inputs, targets)``; inputs a tensor or a tuple of tensors (``model(*inputs)``).
         params: None (every parameter with requires_grad), a list of parameter names, or a
-            callable ``(name, parameter) -> bool`` (offered every name of a tied parameter,
-            selecting it when one matches). The others are held fixed.
+            callable ``(name, parameter) -> bool`` (asked for every name of a tied parameter,
+            which must all get the same answer). The others are held fixed.
         blocks: "module" (one block per owning module: '0.weight', '0.bias' -> '0'; a
             parametrized '0.parametrizations.weight.original' -> '0' too),
             "tensor", "all", or a dict block name -> list of parameter names.

@@ -251,32 +251,40 @@ class ModelProblem:
         silently dropped (measured: a trace of 4.03 for 6.63). Found on the loss of a
         detached output (one forward without grad, once per problem; on the first
         sample for the per-sample operators); unselected parameters are constants there, so a
-        term in them is right as it is. Detected as a torch call inside loss_fn that takes a
-        selected parameter's storage (a TorchFunctionMode over one loss evaluation on a
-        detached output), so frozen (requires_grad=False) parameters are seen too."""
+        term in them is right as it is. Detected by autograd: the loss of the detached output
+        reaches a selected parameter (frozen ones made to require grad for that evaluation, and
+        restored), so reading a parameter's metadata, or a model output that is a view of a
+        parameter, is not taken for a dependence."""
         if self._loss_checked or self.loss_fn is None:
             return
-        self._loss_checked = True
         xs, y = self.inputs, self.targets
         if per_sample:
             xs = tuple(x[:1] for x in xs)
             y = None if y is None else y[:1]
-        # Buffers cloned: this extra forward must not write the user's (a forward that
-        # writes a buffer is named after the build, without this one's side effects).
+        # Buffers cloned: this extra forward must not write the user's. Gradients stay on
+        # (math_sdpa): a model may call autograd in its own forward (a force field's -dE/dx).
         buffers = {n: b.clone() for n, b in self.buffers.items()}
-        with math_sdpa(), torch.no_grad():  # no_grad inside: math_sdpa enables grad
+        with math_sdpa():
             out = tfunc.functional_call(self.model, {**self.fixed, **buffers, **self.primals},
                                         xs)
-        out = torch.utils._pytree.tree_map(
-            lambda t: t.detach() if torch.is_tensor(t) else t, out)
-        y = y.detach() if torch.is_tensor(y) else y
-        # The selected parameters' storages, seen as inputs of any torch call inside loss_fn
-        # (also for requires_grad=False parameters, which a backward would not reach).
-        storages = {p.untyped_storage().data_ptr(): n for n, p in zip(self.names, self._selected)
-                    if p.numel()}
-        with _StorageReads(storages) as reads, torch.no_grad():
-            self.loss_fn(out, y)
-        reached = [n for n in self.names if n in reads.names]
+            out = torch.utils._pytree.tree_map(
+                lambda t: t.detach() if torch.is_tensor(t) else t, out)
+            y = y.detach() if torch.is_tensor(y) else y
+            # Frozen selected parameters are made to require grad for this one evaluation
+            # (restored after): a penalty on them would be dropped as silently.
+            frozen = [p for p in self._selected if not p.requires_grad]
+            try:
+                for p in frozen:
+                    p.requires_grad_(True)
+                value = self.loss_fn(out, y)
+                grads = ((None,) * len(self._selected)
+                         if not (torch.is_tensor(value) and value.requires_grad) else
+                         torch.autograd.grad(value.sum(), self._selected, allow_unused=True))
+            finally:
+                for p in frozen:
+                    p.requires_grad_(False)
+        reached = [n for n, g in zip(self.names, grads) if g is not None]
+        self._loss_checked = not reached  # a refusal is repeated at the next product
         if reached:
             raise ValueError(
                 f"loss_fn: its value depends on the selected parameter(s) {reached[:3]} "
@@ -306,13 +314,13 @@ class ModelProblem:
         becoming the ones the next product must find."""
         for i, (what, t, is_param) in enumerate(self._watched):
             if t._version != self._versions[i]:
+                self._versions[i] = t._version  # the next product then names the forward again
                 if is_param:
                     raise RuntimeError(
                         f"{who}: the model's own forward modified {what} in place: the "
                         f"curvature of a function that rewrites its own parameters is not "
                         f"defined, and the model has been changed; keep such state out of "
                         f"the parameters")
-                self._versions[i] = t._version
 
     @staticmethod
     def _select(named, params, model) -> list[str]:
@@ -448,27 +456,6 @@ def _owning_module(name: str) -> str:
     if ".parametrizations." in dotted:
         return dotted.split(".parametrizations.")[0][1:]
     return name.rpartition(".")[0]
-
-
-class _StorageReads(torch.overrides.TorchFunctionMode):
-    """Records which of the given storages (data_ptr -> name) torch calls take as inputs."""
-
-    def __init__(self, storages: dict[int, str]):
-        super().__init__()
-        self.storages = storages
-        self.names: set[str] = set()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        for t in torch.utils._pytree.tree_leaves((args, kwargs)):
-            if torch.is_tensor(t) and not t.is_meta:
-                try:
-                    name = self.storages.get(t.untyped_storage().data_ptr())
-                except RuntimeError:  # a tensor without storage (e.g. a functorch wrapper)
-                    name = None
-                if name is not None:
-                    self.names.add(name)
-        return func(*args, **kwargs)
 
 
 def _captured_write_error(who: str, err: RuntimeError) -> RuntimeError:

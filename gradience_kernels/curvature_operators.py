@@ -100,8 +100,7 @@ class CurvatureOperator:
         self._check(v, batched=False)
         before = self.matvecs
         out = self._matmat([t.unsqueeze(0) for t in v])
-        if self.matvecs == before:  # a subclass that counts itself (the older contract)
-            self.matvecs += 1
+        self.matvecs += max(0, 1 - (self.matvecs - before))  # see matmat
         return [t.squeeze(0) for t in out]
 
     def matmat(self, V: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -109,8 +108,10 @@ class CurvatureOperator:
         self._check(V, batched=True)
         before = self.matvecs
         out = self._matmat(list(V))
-        if self.matvecs == before:  # a subclass that counts itself (the older contract)
-            self.matvecs += V[0].shape[0]
+        # What _matmat did not count itself: all b for a plain subclass, none for one that
+        # counts (the earlier contract), the rest for one that serves part of the batch
+        # through self.matmat
+        self.matvecs += max(0, V[0].shape[0] - (self.matvecs - before))
         return out
 
     def _matmat(self, V: list[torch.Tensor]) -> list[torch.Tensor]:
