@@ -251,10 +251,10 @@ class ModelProblem:
         silently dropped (measured: a trace of 4.03 for 6.63). Found on the loss of a
         detached output (one forward without grad, once per problem; on the first
         sample for the per-sample operators); unselected parameters are constants there, so a
-        term in them is right as it is. Detected by autograd: the loss of the detached output
-        reaches a selected parameter (frozen ones made to require grad for that evaluation, and
-        restored), so reading a parameter's metadata, or a model output that is a view of a
-        parameter, is not taken for a dependence."""
+        term in them is right as it is. Detected in autograd's graph of the loss of the detached
+        output (walked, not run), so reading a parameter's metadata, or a model output that is a
+        view of a parameter, is not taken for a dependence; a penalty on a frozen
+        (requires_grad=False) selected parameter leaves no graph and is not seen."""
         if self._loss_checked or self.loss_fn is None:
             return
         xs, y = self.inputs, self.targets
@@ -270,20 +270,13 @@ class ModelProblem:
             out = torch.utils._pytree.tree_map(
                 lambda t: t.detach() if torch.is_tensor(t) else t, out)
             y = y.detach() if torch.is_tensor(y) else y
-            # Frozen selected parameters are made to require grad for this one evaluation
-            # (restored after): a penalty on them would be dropped as silently.
-            frozen = [p for p in self._selected if not p.requires_grad]
-            try:
-                for p in frozen:
-                    p.requires_grad_(True)
-                value = self.loss_fn(out, y)
-                grads = ((None,) * len(self._selected)
-                         if not (torch.is_tensor(value) and value.requires_grad) else
-                         torch.autograd.grad(value.sum(), self._selected, allow_unused=True))
-            finally:
-                for p in frozen:
-                    p.requires_grad_(False)
-        reached = [n for n, g in zip(self.names, grads) if g is not None]
+            value = self.loss_fn(out, y)
+        # The loss's autograd graph, walked without running it (no hooks fire, a graph whose
+        # buffers a backward already freed is still walkable): a selected parameter's
+        # AccumulateGrad node in it is a direct dependence.
+        hit = _graph_leaves(value.grad_fn if torch.is_tensor(value) else None,
+                            {id(p) for p in self._selected})
+        reached = [n for n, p in zip(self.names, self._selected) if id(p) in hit]
         self._loss_checked = not reached  # a refusal is repeated at the next product
         if reached:
             raise ValueError(
@@ -458,6 +451,24 @@ def _owning_module(name: str) -> str:
     return name.rpartition(".")[0]
 
 
+def _graph_leaves(node, wanted: set[int]) -> set[int]:
+    """ids of the tensors in `wanted` whose AccumulateGrad nodes the autograd graph from `node`
+    reaches (an iterative walk over next_functions)."""
+    found: set[int] = set()
+    seen: set[int] = set()
+    stack = [node] if node is not None else []
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        var = getattr(n, "variable", None)
+        if var is not None and id(var) in wanted:
+            found.add(id(var))
+        stack.extend(f for f, _ in n.next_functions if f is not None)
+    return found
+
+
 def _captured_write_error(who: str, err: RuntimeError) -> RuntimeError:
     """err itself, or for torch.func's refusal of an in-place write to a tensor it captured a
     message that says what was written and the ways out."""
@@ -553,7 +564,10 @@ class ModelOperator(CurvatureOperator):
         who = type(self).__name__
         self.problem.check_unchanged(who)
         if not self._ready:
-            self.problem.check_loss_reads_output_only(per_sample=self._per_sample)
+            try:  # its forward is the operator's own too (an in-place ReLU on the input)
+                self.problem.check_loss_reads_output_only(per_sample=self._per_sample)
+            finally:
+                self.problem.absorb_own_writes(who)
             try:
                 with math_sdpa():
                     self._build()

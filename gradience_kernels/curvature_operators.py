@@ -100,7 +100,7 @@ class CurvatureOperator:
         self._check(v, batched=False)
         before = self.matvecs
         out = self._matmat([t.unsqueeze(0) for t in v])
-        self.matvecs += max(0, 1 - (self.matvecs - before))  # see matmat
+        self.matvecs += min(1, max(0, 1 - (self.matvecs - before)))  # see matmat
         return [t.squeeze(0) for t in out]
 
     def matmat(self, V: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -110,8 +110,9 @@ class CurvatureOperator:
         out = self._matmat(list(V))
         # What _matmat did not count itself: all b for a plain subclass, none for one that
         # counts (the earlier contract), the rest for one that serves part of the batch
-        # through self.matmat
-        self.matvecs += max(0, V[0].shape[0] - (self.matvecs - before))
+        # through self.matmat (never more than b: a _matmat that resets the count)
+        b = V[0].shape[0]
+        self.matvecs += min(b, max(0, b - (self.matvecs - before)))
         return out
 
     def _matmat(self, V: list[torch.Tensor]) -> list[torch.Tensor]:

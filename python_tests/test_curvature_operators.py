@@ -1253,9 +1253,10 @@ def test_snapshot_checks_mixed_modes_inplace_inputs_and_frozen_penalties():
     """From a review of the snapshot checks: an eval-mode BatchNorm inside a model with other
     modules in training mode keeps its buffers watched (a GGN had been 125% off after
     load_state_dict-like writes); a first layer nn.ReLU(inplace=True) writing the user's input
-    during the operator's own products is served; a penalty on a selected frozen parameter is
-    refused too (a backward had not reached it); a subclass counting in _matmat (the earlier
-    contract) is not counted twice."""
+    during the operator's own products is served; a decay over the trainable parameters with a
+    frozen layer selected is served, a user's hook does not fire in the check, a refusal is
+    repeated on retry; a subclass counting in _matmat (the earlier contract) is not counted
+    twice."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.0),
                           nn.Linear(4, 2)).double()
@@ -1280,13 +1281,36 @@ def test_snapshot_checks_mixed_modes_inplace_inputs_and_frozen_penalties():
         co.ggn(relu_first, F.cross_entropy, (xr.clone(), y)).matvec(
             [torch.ones_like(p) for p in relu_first.parameters()])
 
-    frozen = nn.Linear(3, 2).double().requires_grad_(False)
+    # weight decay over the trainable parameters only, a frozen layer selected: the penalty
+    # is constant in it, served (a check that switched requires_grad on had refused it)
+    partly = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    partly[0].requires_grad_(False)
 
-    def decayed(out, t):
-        return F.cross_entropy(out, t) + 0.5 * (frozen.weight ** 2).sum()
-    with pytest.raises(ValueError, match=r"parameter\(s\) \['weight'\] directly"):
-        co.hessian(frozen, decayed, (x, y), params=["weight"]).matvec(
-            [torch.ones_like(frozen.weight)])
+    def trainable_decay(out, t):
+        return F.cross_entropy(out, t) + 0.5 * sum((p ** 2).sum() for p in partly.parameters()
+                                                   if p.requires_grad)
+    sel = ["0.weight", "0.bias"]
+    torch.testing.assert_close(
+        co.hessian(partly, trainable_decay, (x, y), params=sel).to_matrix(),
+        co.hessian(partly, F.cross_entropy, (x, y), params=sel).to_matrix(),
+        rtol=1e-12, atol=1e-14)
+    # the check walks the loss's graph, it does not run it: a user's gradient hook stays quiet
+    fired = []
+    hook = partly[2].weight.register_hook(lambda g: fired.append(1))
+    with pytest.raises(ValueError, match=r"\['2.weight', '2.bias'\] directly"):
+        co.hessian(partly, trainable_decay, (x, y)).matvec(
+            [torch.ones_like(p) for p in partly.parameters() if p.requires_grad])
+    hook.remove()
+    assert fired == []
+    # a refusal is repeated on retry also when the forward writes its input in place
+    relu_in = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(3, 2)).double()
+
+    def relu_decay(out, t):
+        return F.cross_entropy(out, t) + (relu_in[1].weight ** 2).sum()
+    op = co.hessian(relu_in, relu_decay, (x.clone(), y))
+    for _ in range(2):
+        with pytest.raises(ValueError, match="loss_fn: its value depends on the selected"):
+            op.matvec([torch.ones_like(p) for p in relu_in.parameters()])
 
     class SelfCounting(co.MatrixOperator):
         def _matmat(self, V):
