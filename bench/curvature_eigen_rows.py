@@ -111,6 +111,16 @@ def _shortest_lanczos(op, ref_top, acc: float, seed: int = 0, timed: bool = True
                                          seed=seed), repeats=3)
 
 
+def _power(op, tol: float, max_iter: int, seed: int, ref_mag):
+    """PyHessian's loop on `seed`: (result, its eigenvalues by decreasing magnitude, its largest
+    relative error against the reference's 5 of largest magnitude)."""
+    with warnings.catch_warnings():  # "not converged" after max_iter is a result
+        warnings.simplefilter("ignore", RuntimeWarning)
+        power = ce.power_iteration(op, k=K, tol=tol, max_iter=max_iter, seed=seed)
+    p_vals = sorted((float(v) for v in power.eigenvalues), key=abs, reverse=True)
+    return power, p_vals, max(_rel_errs(p_vals, ref_mag))
+
+
 def _seed_ratios(op, ref_top, ref_mag, tol: float, max_iter: int, seeds) -> list:
     """Lanczos / power iteration matvecs at equal accuracy for each seed (both methods on that
     seed's start; None where no Lanczos budget reached the power iteration's accuracy): one
@@ -118,11 +128,8 @@ def _seed_ratios(op, ref_top, ref_mag, tol: float, max_iter: int, seeds) -> list
     seeds 0-5."""
     out = []
     for s in seeds:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            power = ce.power_iteration(op, k=K, tol=tol, max_iter=max_iter, seed=s)
-        p_vals = sorted((float(v) for v in power.eigenvalues), key=abs, reverse=True)
-        hi = _shortest_lanczos(op, ref_top, max(_rel_errs(p_vals, ref_mag)), s, timed=False)
+        power, _, acc = _power(op, tol, max_iter, s, ref_mag)
+        hi = _shortest_lanczos(op, ref_top, acc, s, timed=False)
         out.append(None if hi is None else hi / int(power.matvecs))
     return out
 
@@ -158,12 +165,8 @@ def eigen_rows(models=("mlp", "cnn", "transformer"), quick: bool = False,
         if not quick:
             configs.append((1e-5, 200, "tightened"))
         for tol, max_iter, label in configs:
-            with warnings.catch_warnings():  # "not converged" after max_iter is a result
-                warnings.simplefilter("ignore", RuntimeWarning)
-                power, t_power = _timed(lambda tol=tol, max_iter=max_iter: ce.power_iteration(
-                    op, k=K, tol=tol, max_iter=max_iter, seed=0))
-            p_vals = sorted((float(v) for v in power.eigenvalues), key=abs, reverse=True)
-            acc = max(_rel_errs(p_vals, ref_mag))
+            (power, p_vals, acc), t_power = _timed(
+                lambda tol=tol, max_iter=max_iter: _power(op, tol, max_iter, 0, ref_mag))
             rows.append({**base, "method": f"power iteration + deflation ({label}: tol {tol:g}, "
                                            f"max_iter {max_iter})",
                          "matvecs": int(power.matvecs), "seconds": t_power,

@@ -145,7 +145,7 @@ class ModelProblem:
         # second names of tied parameters -> their first (the name the operators use)
         self.aliases = {a: first[id(p)] for a, p in model.named_parameters(remove_duplicate=False)
                         if id(p) in first and first[id(p)] != a}
-        self.names = self._select(named, params, model)
+        self.names = self._select(named, params, self.aliases)
         by_name = dict(named)
         selected = [by_name[n] for n in self.names]
         if sum(p.numel() for p in selected) == 0:
@@ -248,13 +248,13 @@ class ModelProblem:
         through the model's output (a weight-decay penalty over model.parameters() in the loss
         closure): every operator differentiates loss_fn(output, targets) in the output, with
         the model evaluated on its own functional copy of the parameters, so such a term was
-        silently dropped (measured: a trace of 4.03 for 6.63). Found on the loss of a
-        detached output (one forward without grad, once per problem; on the first
-        sample for the per-sample operators); unselected parameters are constants there, so a
-        term in them is right as it is. Detected in autograd's graph of the loss of the detached
-        output (walked, not run), so reading a parameter's metadata, or a model output that is a
-        view of a parameter, is not taken for a dependence; a penalty on a frozen
-        (requires_grad=False) selected parameter leaves no graph and is not seen."""
+        silently dropped (measured: a trace of 4.03 for 6.63). One extra forward on cloned
+        buffers (until a check passes; on the first sample for the per-sample operators), then
+        autograd's graph of the loss of its detached output is walked, not run, for the
+        selected parameters: reading a parameter's metadata, or a model output that is a view
+        of a parameter, is not a dependence; unselected parameters are constants, so a term in
+        them is right as it is; a penalty on a frozen (requires_grad=False) selected parameter
+        leaves no graph and is not seen."""
         if self._loss_checked or self.loss_fn is None:
             return
         xs, y = self.inputs, self.targets
@@ -263,10 +263,8 @@ class ModelProblem:
             y = None if y is None else y[:1]
         # Buffers cloned: this extra forward must not write the user's. Gradients stay on
         # (math_sdpa): a model may call autograd in its own forward (a force field's -dE/dx).
-        buffers = {n: b.clone() for n, b in self.buffers.items()}
         with math_sdpa():
-            out = tfunc.functional_call(self.model, {**self.fixed, **buffers, **self.primals},
-                                        xs)
+            out = self.call(self.primals, xs, clone_buffers=True)
             out = torch.utils._pytree.tree_map(
                 lambda t: t.detach() if torch.is_tensor(t) else t, out)
             y = y.detach() if torch.is_tensor(y) else y
@@ -316,17 +314,16 @@ class ModelProblem:
                         f"the parameters")
 
     @staticmethod
-    def _select(named, params, model) -> list[str]:
+    def _select(named, params, aliases: dict[str, str]) -> list[str]:
         if params is None:
             names = [n for n, p in named if p.requires_grad]
         elif callable(params):
             # Every name of a tied parameter is offered (named_parameters lists it once, under
             # its first name: a callable matching only the second had dropped it silently).
-            first = {id(p): n for n, p in named}
-            answers: dict[str, dict[str, bool]] = {}
-            for a, p in model.named_parameters(remove_duplicate=False):
-                if id(p) in first:
-                    answers.setdefault(first[id(p)], {})[a] = bool(params(a, p))
+            by_name = dict(named)
+            answers = {n: {n: bool(params(n, p))} for n, p in named}
+            for a, n in aliases.items():
+                answers[n][a] = bool(params(a, by_name[n]))
             split = {n: a for n, a in answers.items() if len(set(a.values())) > 1}
             if split:
                 n, a = next(iter(split.items()))
@@ -335,7 +332,7 @@ class ModelProblem:
                 raise ValueError(f"params: the callable selects {yes} but not {no}, names of one "
                                  f"tied tensor ({n!r}); make it answer the same for every name, "
                                  f"or pass a list of names")
-            names = [n for n, _ in named if any(answers.get(n, {}).values())]
+            names = [n for n, _ in named if any(answers[n].values())]
         elif isinstance(params, str) or not isinstance(params, Sequence):
             raise TypeError(f"params: expected None, a list of parameter names or a callable "
                             f"(name, param) -> bool, got {_describe(params)}")
@@ -349,11 +346,8 @@ class ModelProblem:
             if unknown:
                 # A tied parameter (one tensor under two names) is listed once, under its
                 # first name: say which name to use.
-                first = {id(p): n for n, p in named}
-                tied = {a: first[id(p)] for a, p in model.named_parameters(remove_duplicate=False)
-                        if a not in have and id(p) in first}
-                hints = "".join(f"; {w!r} is tied to {tied[w]!r} (the same tensor): select "
-                                f"it by that name" for w in unknown if w in tied)
+                hints = "".join(f"; {w!r} is tied to {aliases[w]!r} (the same tensor): select "
+                                f"it by that name" for w in unknown if w in aliases)
                 raise ValueError(f"params: unknown parameter name(s) {unknown}; the model has "
                                  f"{[n for n, _ in named]}{hints}")
             dup = sorted({w for w in wanted if wanted.count(w) > 1})
@@ -408,9 +402,13 @@ class ModelProblem:
                          f"parameter names, got {_describe(spec)}")
 
     # -- functional forms (params: dict name -> tensor of the selected parameters) ---------
-    def call(self, params: dict, inputs: tuple | None = None):
+    def call(self, params: dict, inputs: tuple | None = None,
+             clone_buffers: bool | None = None):
+        """The model on params (and the fixed parameters), on private clones of the buffers
+        when a module trains (or clone_buffers=True: a forward that must leave them as they
+        are)."""
         xs = self.inputs if inputs is None else inputs
-        if self.clone_buffers:
+        if self.clone_buffers if clone_buffers is None else clone_buffers:
             buffers = {n: b.clone() for n, b in self.buffers.items()}
         else:
             buffers = self.buffers

@@ -100,7 +100,7 @@ class CurvatureOperator:
         self._check(v, batched=False)
         before = self.matvecs
         out = self._matmat([t.unsqueeze(0) for t in v])
-        self.matvecs += min(1, max(0, 1 - (self.matvecs - before)))  # see matmat
+        self._count(1, before)
         return [t.squeeze(0) for t in out]
 
     def matmat(self, V: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -108,12 +108,15 @@ class CurvatureOperator:
         self._check(V, batched=True)
         before = self.matvecs
         out = self._matmat(list(V))
-        # What _matmat did not count itself: all b for a plain subclass, none for one that
-        # counts (the earlier contract), the rest for one that serves part of the batch
-        # through self.matmat (never more than b: a _matmat that resets the count)
-        b = V[0].shape[0]
-        self.matvecs += min(b, max(0, b - (self.matvecs - before)))
+        self._count(V[0].shape[0], before)
         return out
+
+    def _count(self, b: int, before: int) -> None:
+        """Adds what _matmat did not count itself of its b vectors (the counter read `before`
+        it): all b for a plain subclass, none for one that counts (the earlier contract), the
+        rest for one that serves part of the batch through self.matmat; never more than b (a
+        _matmat that resets the count)."""
+        self.matvecs += min(b, max(0, b - (self.matvecs - before)))
 
     def _matmat(self, V: list[torch.Tensor]) -> list[torch.Tensor]:
         raise NotImplementedError
